@@ -1,0 +1,1151 @@
+"""A torchx scheduler for local Docker that keeps a durable record of every app.
+
+torchx's ``local_docker`` scheduler asks Docker for everything, so once a
+container is gone its exit code and logs are gone too. This module's
+:py:class:`PersistentDockerScheduler` records each app in a pickled session
+file: the roles as submitted, every replica's exit code and, once a replica
+ends, its stdout and stderr. ``describe``, ``log_iter`` and ``list`` answer from
+that record after the containers are removed, from any process.
+
+It depends on ``docker`` and ``torchx`` only; copy this file into a project or
+``pip install`` it. Run it directly::
+
+    from torchx import specs
+    from docker_scheduler import PersistentDockerScheduler
+
+    app = specs.AppDef(
+        name="hello",
+        roles=[specs.Role("echo", image="busybox", entrypoint="echo", args=["hello"])],
+    )
+    scheduler = PersistentDockerScheduler("demo")
+    app_id = scheduler.submit(app, {})
+    # ... later, from this or any other process:
+    print(scheduler.describe(app_id).state)
+    print("".join(scheduler.log_iter(app_id, "echo", should_tail=True)))
+    scheduler.close()  # stops what still runs, keeps the record, removes the containers
+
+or through a torchx ``Runner``::
+
+    from torchx.runner import Runner
+    from docker_scheduler import create_scheduler
+
+    with Runner("demo", scheduler_factories={"local_docker_persistent": create_scheduler}) as runner:
+        handle = runner.run(app, scheduler="local_docker_persistent")
+        print(runner.wait(handle, wait_interval=1))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import heapq
+import logging
+import os
+import pickle
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import docker
+import requests
+from docker.errors import DockerException, NotFound
+from torchx.schedulers.api import (
+    AppDryRunInfo,
+    DescribeAppResponse,
+    ListAppResponse,
+    Stream,
+    filter_regex,
+)
+from torchx.schedulers.docker_scheduler import (
+    CONTAINER_STATE,
+    LABEL_APP_ID,
+    LABEL_REPLICA_ID,
+    LABEL_ROLE_NAME,
+    DockerContainer,
+    DockerJob,
+    DockerOpts,
+    DockerScheduler,
+    ensure_network,
+)
+from torchx.specs.api import AppDef, AppState, ReplicaStatus, Role, RoleStatus, runopts
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+__all__ = ["PersistentDockerScheduler", "DockerUnavailableError", "create_scheduler", "log"]
+
+log: logging.Logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Labels and constants
+# ---------------------------------------------------------------------------
+
+#: Label that ties a container to its session, beside torchx's app/role/replica labels.
+LABEL_SESSION = "docker-scheduler/session"
+
+#: Bumped whenever the session file's shape changes.
+FORMAT_VERSION = 1
+
+#: Environment variable naming the state directory when ``state_dir`` is not given.
+STATE_DIR_ENV = "DOCKER_SCHEDULER_STATE_DIR"
+
+#: Seconds Docker waits after SIGTERM before SIGKILL, as ``docker stop`` does.
+STOP_TIMEOUT = 10
+
+#: The ``image_pull`` policies.
+IMAGE_PULL_POLICIES = ("always", "missing", "never")
+
+#: Seconds between two progress lines of a long image pull.
+PULL_PROGRESS_INTERVAL = 3.0
+
+# Docker refuses container names outside this pattern.
+_CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+# A listed container's Status reads e.g. "Exited (137) 3 seconds ago".
+_EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
+_ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
+# At most this many containers are created and started at once.
+_START_WORKERS = 8
+
+# An app record and its replicas are plain dicts so that the pickle holds
+# builtin types only: upgrading torchx or docker never breaks reading it.
+AppRecord = Dict[str, Any]
+
+
+class DockerUnavailableError(RuntimeError):
+    """The Docker daemon did not answer at the endpoint in use."""
+
+
+class PersistentDockerOpts(DockerOpts, total=False):
+    image_pull: str
+    remove_on_exit: bool
+
+
+def _docker_endpoint() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def _unavailable(cause: BaseException) -> DockerUnavailableError:
+    return DockerUnavailableError(
+        f"cannot reach the Docker daemon at {_docker_endpoint()} ({cause}); "
+        "start it (e.g. `dockerd` or `systemctl start docker`) or point DOCKER_HOST at one that runs"
+    )
+
+
+@contextlib.contextmanager
+def _reaching_docker() -> Iterator[None]:
+    """Turns a connection failure into one error that names the endpoint."""
+    try:
+        yield
+    except requests.exceptions.ConnectionError as e:
+        raise _unavailable(e) from e
+
+
+def _check_session_name(session_name: str) -> None:
+    bad = [sep for sep in ("/", os.sep, os.altsep, "\0") if sep]
+    if not session_name or ".." in session_name or any(s in session_name for s in bad):
+        raise ValueError(
+            f"invalid session name {session_name!r}: it names the session file, so it must be "
+            "non-empty and hold no path separator or '..' (e.g. 'my_experiments')"
+        )
+
+
+def _check_private(path: str, st: os.stat_result) -> None:
+    """Refuses state that someone else could have written: it is unpickled."""
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing to read it. "
+            f"Fix: `chown {os.getuid()} {path}`, or use another state_dir"
+        )
+    if st.st_mode & 0o022:
+        raise PermissionError(
+            f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}); refusing to read it. "
+            f"Fix: `chmod go-w {path}`"
+        )
+
+
+def _resolve_state_dir(state_dir: Optional[str]) -> str:
+    base = state_dir or os.environ.get(STATE_DIR_ENV)
+    if not base:
+        xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        base = os.path.join(xdg, "docker_scheduler")
+    path = os.path.abspath(os.path.expanduser(base))
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    _check_private(path, os.stat(path))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Session store
+# ---------------------------------------------------------------------------
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Loads builtin types and datetimes only, so a crafted file cannot run code."""
+
+    _ALLOWED = {("datetime", "datetime"), ("datetime", "timezone"), ("datetime", "timedelta")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: session files hold builtin types only")
+
+
+class _CorruptSession(Exception):
+    pass
+
+
+_Stamp = Tuple[int, int, int, int]
+
+
+def _stamp(st: os.stat_result) -> _Stamp:
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+def _check_shape(data: Any, session_name: str) -> Dict[str, AppRecord]:
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        version = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise _CorruptSession(f"format {version!r}, expected {FORMAT_VERSION}")
+    apps = data.get("apps")
+    if data.get("session") != session_name or not isinstance(apps, dict):
+        raise _CorruptSession("not a session file of this session")
+    for app_id, record in apps.items():
+        if not isinstance(record, dict) or not isinstance(record.get("replicas"), list):
+            raise _CorruptSession(f"malformed record for {app_id!r}")
+    return apps
+
+
+class _SessionStore:
+    """The session file: re-read only when it changed, replaced atomically under a lock.
+
+    Records handed out are shared with the cache: callers copy one before changing it.
+    """
+
+    def __init__(
+        self, directory: str, session_name: str, rebuild: Callable[[], Dict[str, AppRecord]]
+    ) -> None:
+        self.path = os.path.join(directory, f"{session_name}.pickle")
+        self._lock_path = os.path.join(directory, f"{session_name}.lock")
+        self._session_name = session_name
+        self._rebuild = rebuild
+        self._stamp: Optional[_Stamp] = None
+        self._apps: Dict[str, AppRecord] = {}
+        self._held = threading.local()
+
+    def apps(self) -> Dict[str, AppRecord]:
+        """The session's apps by id, as of the last write by any process."""
+        try:
+            stamp: Optional[_Stamp] = _stamp(os.stat(self.path))
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            try:
+                self._stamp, self._apps = self._load()
+            except _CorruptSession as e:
+                with self._locked():
+                    try:  # another process may have replaced it meanwhile
+                        self._stamp, self._apps = self._load()
+                    except _CorruptSession:
+                        self._quarantine(e)
+        return self._apps
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[Dict[str, AppRecord]]:
+        """Yields the freshest apps under the lock, and writes them back."""
+        with self._locked():
+            apps = dict(self.apps())
+            yield apps
+            self._write(apps)
+
+    def _load(self) -> Tuple[Optional[_Stamp], Dict[str, AppRecord]]:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return None, {}
+        with f:
+            st = os.fstat(f.fileno())
+            _check_private(self.path, st)
+            try:
+                data = _RestrictedUnpickler(f).load()
+            except Exception as e:  # any byte string can come in: each failure means corrupt
+                raise _CorruptSession(f"{type(e).__name__}: {e}") from e
+        return _stamp(st), _check_shape(data, self._session_name)
+
+    def _quarantine(self, error: Exception) -> None:
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.replace(self.path, aside)
+        log.warning(
+            "session file %s could not be read (%s); moved it to %s and rebuilt the session "
+            "from the containers labelled with it",
+            self.path,
+            error,
+            aside,
+        )
+        try:
+            apps = self._rebuild()
+        except Exception as e:
+            log.warning("could not rebuild session %s from Docker: %s", self._session_name, e)
+            apps = {}
+        self._write(apps)
+
+    def _write(self, apps: Dict[str, AppRecord]) -> None:
+        data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": apps}
+        directory = os.path.dirname(self.path)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._session_name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._stamp, self._apps = _stamp(os.stat(self.path)), apps
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # flock is per open file, so a thread that already holds it must not take it again.
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Log harvest
+# ---------------------------------------------------------------------------
+# A harvested log is what `docker logs --timestamps` prints for one stream:
+# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
+# so since/until compare as bytes and two streams merge in time order.
+
+
+def _log_file(log_dir: str, rep: AppRecord, stream: str) -> str:
+    return os.path.join(log_dir, f"{rep['role']}.{rep['id']}.{stream}")
+
+
+def _harvest_stream(frames: Iterable[bytes], dest: str) -> None:
+    """Streams one container stream into ``dest``, atomically."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            continued = False
+            for frame in frames:
+                if continued:  # Docker split a long line: keep its first timestamp only
+                    frame = frame.partition(b" ")[2]
+                f.write(frame)
+                continued = not frame.endswith(b"\n")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _docker_time(dt: datetime) -> bytes:
+    """``dt`` as Docker prints timestamps; naive datetimes are UTC."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+
+
+def _epoch(dt: Optional[datetime]) -> Optional[float]:
+    """``dt`` as Docker's API takes it, or None when it filters nothing."""
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    seconds = dt.timestamp()
+    return seconds if seconds > 0 else None
+
+
+def _read_harvested(
+    path: str, since: Optional[datetime], until: Optional[datetime]
+) -> Iterator[Tuple[bytes, bytes]]:
+    low = _docker_time(since) if _epoch(since) else None
+    high = _docker_time(until) if _epoch(until) else None
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for raw in f:
+            ts, _, text = raw.partition(b" ")
+            if low is not None and ts < low:
+                continue
+            if high is not None and ts > high:
+                break
+            yield ts, text
+
+
+def _harvested_lines(
+    paths: List[str], since: Optional[datetime], until: Optional[datetime]
+) -> Iterator[bytes]:
+    streams = [_read_harvested(p, since, until) for p in paths]
+    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
+        yield text
+
+
+def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+
+
+def _role_record(role: Role) -> AppRecord:
+    return {
+        "name": role.name,
+        "image": role.image,
+        "entrypoint": role.entrypoint,
+        "args": [str(a) for a in role.args],
+        "env": {str(k): str(v) for k, v in role.env.items()},
+        "num_replicas": role.num_replicas,
+        "max_retries": role.max_retries,
+    }
+
+
+def _replica_record(role: str, replica_id: int, name: str, exit_code: Optional[int] = None) -> AppRecord:
+    return {
+        "role": role,
+        "id": replica_id,
+        "name": name,
+        "exit_code": exit_code,
+        "restarts": 0,
+        "lost": False,
+        "logs": False,
+        "error": "",
+    }
+
+
+def _new_record(app_id: str, roles: List[AppRecord], replicas: List[AppRecord]) -> AppRecord:
+    return {
+        "app_id": app_id,
+        "created": time.time(),
+        "state": None,  # set when cancelled, or when schedule() failed
+        "msg": "",
+        "remove_on_exit": False,
+        "roles": roles,
+        "replicas": replicas,
+    }
+
+
+def _record_from_job(job: DockerJob, app: Optional[AppDef]) -> AppRecord:
+    replicas = [
+        _replica_record(
+            str(c.kwargs["labels"][LABEL_ROLE_NAME]),  # type: ignore[index]
+            int(c.kwargs["labels"][LABEL_REPLICA_ID]),  # type: ignore[index]
+            str(c.kwargs["name"]),
+        )
+        for c in job.containers
+    ]
+    if app is not None:
+        roles = [_role_record(r) for r in app.roles]
+    else:  # a hand-made AppDryRunInfo: the containers are all there is
+        roles = _roles_from_replicas(
+            replicas, {r["name"]: (c.image, c.command) for r, c in zip(replicas, job.containers)}
+        )
+    return _new_record(job.app_id, roles, replicas)
+
+
+def _roles_from_replicas(
+    replicas: List[AppRecord], commands: Dict[str, Tuple[str, List[str]]]
+) -> List[AppRecord]:
+    roles: Dict[str, AppRecord] = {}
+    for rep in replicas:
+        image, command = commands.get(rep["name"], ("", []))
+        role = roles.setdefault(
+            rep["role"],
+            {
+                "name": rep["role"],
+                "image": image,
+                "entrypoint": command[0] if command else "",
+                "args": list(command[1:]),
+                "env": {},
+                "num_replicas": 0,
+                "max_retries": 0,
+            },
+        )
+        role["num_replicas"] += 1
+    return list(roles.values())
+
+
+def _container_name(container: Dict[str, Any]) -> str:
+    return str(container["Names"][0]).lstrip("/")
+
+
+def _listed_exit_code(container: Dict[str, Any]) -> Optional[int]:
+    match = _EXITED_STATUS.match(container.get("Status") or "")
+    return int(match.group(1)) if match else None
+
+
+def _listed_state(container: Dict[str, Any]) -> AppState:
+    if container["State"] == "exited":
+        code = _listed_exit_code(container)
+        if code is None:
+            return AppState.UNKNOWN
+        return AppState.SUCCEEDED if code == 0 else AppState.FAILED
+    return CONTAINER_STATE.get(container["State"], AppState.UNKNOWN)
+
+
+def _records_from_containers(containers: List[Dict[str, Any]]) -> Dict[str, AppRecord]:
+    """Records for apps known only from their containers (none of their exits seen yet)."""
+    by_app: Dict[str, List[Dict[str, Any]]] = {}
+    for c in containers:
+        by_app.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
+    records = {}
+    for app_id, group in by_app.items():
+        group.sort(key=lambda c: (c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID])))
+        replicas = [
+            _replica_record(c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c))
+            for c in group
+        ]
+        commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
+        records[app_id] = _new_record(app_id, _roles_from_replicas(replicas, commands), replicas)
+    return records
+
+
+def _is_final(rep: AppRecord) -> bool:
+    return rep["exit_code"] is not None or bool(rep["lost"])
+
+
+def _settled(record: AppRecord) -> bool:
+    """Whether nothing about the app can change any more."""
+    return all(_is_final(r) for r in record["replicas"])
+
+
+def _replica_state(rep: AppRecord, live: Dict[str, AppState]) -> AppState:
+    if rep["exit_code"] is not None:
+        return AppState.SUCCEEDED if rep["exit_code"] == 0 else AppState.FAILED
+    if rep["lost"]:
+        return AppState.UNKNOWN
+    return live.get(rep["name"], AppState.UNKNOWN)
+
+
+def _app_state(record: AppRecord, states: List[AppState]) -> AppState:
+    if record["state"]:
+        return AppState[record["state"]]
+    if AppState.FAILED in states:
+        return AppState.FAILED
+    if states and all(s == AppState.SUCCEEDED for s in states):
+        return AppState.SUCCEEDED
+    active = [s for s in states if s in _ACTIVE]
+    return min(active) if active else AppState.UNKNOWN
+
+
+def _describe_record(record: AppRecord, live: Dict[str, AppState]) -> DescribeAppResponse:
+    roles = [
+        Role(
+            name=r["name"],
+            image=r["image"],
+            entrypoint=r["entrypoint"],
+            args=list(r["args"]),
+            env=dict(r["env"]),
+            num_replicas=r["num_replicas"],
+            max_retries=r["max_retries"],
+        )
+        for r in record["roles"]
+    ]
+    statuses = {r["name"]: RoleStatus(r["name"], []) for r in record["roles"]}
+    states = []
+    problems = [record["msg"]] if record["msg"] else []
+    for rep in record["replicas"]:
+        state = _replica_state(rep, live)
+        states.append(state)
+        statuses.setdefault(rep["role"], RoleStatus(rep["role"], [])).replicas.append(
+            ReplicaStatus(id=rep["id"], state=state, role=rep["role"], hostname=rep["name"])
+        )
+        if rep["exit_code"]:
+            problems.append(f"{rep['role']}/{rep['id']} exited with code {rep['exit_code']}{rep['error']}")
+        elif rep["lost"]:
+            problems.append(f"{rep['role']}/{rep['id']}: container {rep['name']} vanished before it exited")
+    return DescribeAppResponse(
+        app_id=record["app_id"],
+        state=_app_state(record, states),
+        num_restarts=max((rep["restarts"] for rep in record["replicas"]), default=0),
+        msg="; ".join(problems),
+        roles=roles,
+        roles_statuses=list(statuses.values()),
+    )
+
+
+def _validate_app(app: AppDef) -> None:
+    if not app.roles:
+        raise ValueError(f"app {app.name!r} has no roles: add at least one specs.Role")
+    seen = set()
+    for role in app.roles:
+        if not _CONTAINER_NAME.fullmatch(f"x{role.name}"):
+            raise ValueError(
+                f"role name {role.name!r} cannot be part of a Docker container name: "
+                "use letters, digits, '_', '.' and '-' only"
+            )
+        if role.name[:30] in seen:
+            raise ValueError(
+                f"role name {role.name!r} repeats another role's (the first 30 characters name the "
+                "container): give every role a distinct name"
+            )
+        seen.add(role.name[:30])
+        if not role.image:
+            raise ValueError(f"role {role.name!r} has an empty image: set Role.image, e.g. 'busybox'")
+        if role.num_replicas < 1:
+            raise ValueError(f"role {role.name!r} has num_replicas={role.num_replicas}: it needs at least 1")
+
+
+# ---------------------------------------------------------------------------
+# Scheduler
+# ---------------------------------------------------------------------------
+
+
+class PersistentDockerScheduler(DockerScheduler):
+    """
+    A torchx scheduler that runs apps as local Docker containers and keeps a
+    durable record of each one in a session file.
+
+    It takes the same AppDefs, run options and workspaces as ``local_docker``
+    (it subclasses :py:class:`torchx.schedulers.docker_scheduler.DockerScheduler`),
+    and differs where that one forgets:
+
+    * ``describe`` reports CANCELLED for cancelled apps, FAILED when any replica
+      failed, SUCCEEDED only when every replica succeeded, UNKNOWN when a container
+      vanished before its exit was seen, and ``None`` for an app id nobody knows.
+    * When a replica ends, its exit code goes into the session file and its
+      stdout and stderr into files beside it; ``describe``, ``log_iter`` and
+      ``list`` serve them from there after the containers are gone, in any process.
+
+    State lives in ``state_dir``: the ``state_dir`` argument, else the
+    ``DOCKER_SCHEDULER_STATE_DIR`` environment variable, else
+    ``${XDG_STATE_HOME:-~/.local/state}/docker_scheduler``. The session file
+    ``<session_name>.pickle`` holds builtin types only, is written atomically
+    under a lock with mode 0600 and is read with an unpickler that refuses
+    anything else.
+
+    Args:
+        session_name: names the session file; non-empty, no path separator, no ``..``.
+        state_dir: the directory for session files and harvested logs.
+        detach: when True, :py:meth:`close` leaves apps running and containers in place.
+
+    **Config Options**
+
+    .. runopts::
+        class: docker_scheduler.create_scheduler
+
+    .. compatibility::
+        type: scheduler
+        features:
+            cancel: true
+            logs: true
+            distributed: true
+            describe: |
+                Full support: the roles as submitted (name, image, entrypoint,
+                args, env, num_replicas) and every replica's state, after the
+                containers are removed too.
+            workspaces: true
+            mounts: true
+            elasticity: false
+    """
+
+    def __init__(
+        self, session_name: str, *, state_dir: Optional[str] = None, detach: bool = False
+    ) -> None:
+        _check_session_name(session_name)
+        super().__init__(session_name)
+        self.detach = detach
+        self.state_dir: str = _resolve_state_dir(state_dir)
+        self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
+        self._client: Optional["DockerClient"] = None
+        self._scheduled: List[str] = []
+        self._closed = False
+
+    @property
+    def session_file(self) -> str:
+        """The path of this session's pickled session file."""
+        return self._store.path
+
+    @property
+    def _docker_client(self) -> "DockerClient":
+        if self._client is None:
+            try:
+                self._client = docker.from_env()
+            except DockerException as e:
+                raise _unavailable(e) from e
+        return self._client
+
+    # -- submit -----------------------------------------------------------
+
+    def _run_opts(self) -> runopts:
+        opts = super()._run_opts()
+        opts.add(
+            "image_pull",
+            type_=str,
+            default="always",
+            help="when to pull each role's image: `always` (as local_docker; falls back to a local copy "
+            "when the pull fails), `missing` (only when Docker lacks it) or `never` (a missing image is an error)",
+        )
+        opts.add(
+            "remove_on_exit",
+            type_=bool,
+            default=False,
+            help="remove each container once its exit code and logs are recorded in the session",
+        )
+        return opts
+
+    def _submit_dryrun(self, app: AppDef, cfg: DockerOpts) -> AppDryRunInfo[DockerJob]:
+        _validate_app(app)
+        policy = cfg.get("image_pull") or "always"  # type: ignore[misc]
+        if policy not in IMAGE_PULL_POLICIES:
+            raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
+        info = super()._submit_dryrun(app, cfg)
+        for c in info.request.containers:
+            name = str(c.kwargs["name"])
+            if not _CONTAINER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"app name {app.name!r} gives the container name {name!r}, which Docker refuses: "
+                    "use letters, digits, '_', '.' and '-', starting with a letter or digit"
+                )
+            c.kwargs["labels"][LABEL_SESSION] = self.session_name  # type: ignore[index]
+        return info
+
+    def schedule(self, dryrun_info: AppDryRunInfo[DockerJob]) -> str:
+        """Starts every replica's container, then records the app.
+
+        When a container cannot start, the ones already started are removed,
+        the app is recorded FAILED with the reason, and the error is raised.
+        """
+        job = dryrun_info.request
+        cfg: Dict[str, Any] = dict(getattr(dryrun_info, "_cfg", None) or {})
+        record = _record_from_job(job, getattr(dryrun_info, "_app", None))
+        record["remove_on_exit"] = bool(cfg.get("remove_on_exit", False))
+        with _reaching_docker():
+            client = self._docker_client
+            self._prepare_images({c.image for c in job.containers}, cfg.get("image_pull") or "always")
+            ensure_network(client)
+            self._start_all(job, record)
+        self._save(record)
+        self._scheduled.append(job.app_id)
+        return job.app_id
+
+    def _start_all(self, job: DockerJob, record: AppRecord) -> None:
+        client = self._docker_client
+
+        def start(c: DockerContainer) -> None:
+            client.containers.create(c.image, c.command, **c.kwargs).start()
+
+        workers = max(1, min(_START_WORKERS, len(job.containers)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="docker-scheduler-start") as pool:
+            futures = [(c, pool.submit(start, c)) for c in job.containers]
+        failed = [(c, f.exception()) for c, f in futures if f.exception() is not None]
+        if not failed:
+            return
+        container, error = failed[0]
+        self._remove([str(c.kwargs["name"]) for c in job.containers])
+        if isinstance(error, requests.exceptions.ConnectionError):
+            raise error
+        labels: Dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
+        reason = (
+            f"could not start replica {labels[LABEL_REPLICA_ID]} of role {labels[LABEL_ROLE_NAME]!r} "
+            f"from image {container.image!r}: {error}"
+        )
+        record["state"], record["msg"] = AppState.FAILED.name, reason
+        for rep in record["replicas"]:
+            rep["lost"] = True
+        self._save(record)
+        raise RuntimeError(f"{reason}. Removed the app's other containers; it is recorded as FAILED") from error
+
+    def _prepare_images(self, images: Iterable[str], policy: str) -> None:
+        for image in sorted(images):
+            if image.startswith("sha256:"):
+                continue
+            if policy == "always":
+                try:
+                    self._pull(image)
+                except DockerException as e:
+                    log.warning("failed to pull image %s, falling back to the local copy: %s", image, e)
+            elif not self._has_image(image):
+                if policy == "never":
+                    raise ValueError(
+                        f"image {image!r} is not on this Docker host and image_pull=never forbids pulling it: "
+                        f"run `docker pull {image}` first, or use image_pull=missing"
+                    )
+                try:
+                    self._pull(image)
+                except DockerException as e:
+                    raise RuntimeError(f"image {image!r} is not on this Docker host and pulling it failed: {e}") from e
+
+    def _has_image(self, image: str) -> bool:
+        try:
+            self._docker_client.api.inspect_image(image)
+        except NotFound:
+            return False
+        return True
+
+    def _pull(self, image: str) -> None:
+        """Pulls ``image``, logging progress at most every few seconds."""
+        log.info("pulling image %s", image)
+        layers: Dict[str, Tuple[int, int]] = {}
+        done: set[str] = set()
+        last = time.monotonic()
+        for event in self._docker_client.api.pull(image, stream=True, decode=True):
+            if "error" in event:
+                raise DockerException(event["error"])
+            layer, status = event.get("id"), event.get("status", "")
+            detail = event.get("progressDetail") or {}
+            if layer and "current" in detail:
+                layers[layer] = (int(detail["current"]), int(detail.get("total") or 0))
+            if layer and status in ("Pull complete", "Already exists", "Download complete"):
+                layers.setdefault(layer, (0, 0))
+                if status != "Download complete":
+                    done.add(layer)
+            if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
+                last = time.monotonic()
+                have = sum(c for c, _ in layers.values())
+                total = sum(t for _, t in layers.values())
+                log.info(
+                    "pulling %s: %d/%d layers done, %.1f/%.1f MB",
+                    image, len(done), len(layers), have / 1e6, total / 1e6,
+                )
+        log.info("pulled image %s", image)
+
+    # -- record -----------------------------------------------------------
+
+    def _save(self, record: AppRecord) -> None:
+        with self._store.update() as apps:
+            apps[record["app_id"]] = record
+
+    def _rebuild_from_docker(self) -> Dict[str, AppRecord]:
+        return _records_from_containers(self._containers(LABEL_SESSION, self.session_name))
+
+    def _containers(self, label: str, value: str) -> List[Dict[str, Any]]:
+        with _reaching_docker():
+            found: List[Dict[str, Any]] = self._docker_client.api.containers(
+                all=True, filters={"label": f"{label}={value}"}
+            )
+        return found
+
+    def _observe(
+        self, record: AppRecord, containers: Optional[List[Dict[str, Any]]] = None
+    ) -> Tuple[AppRecord, Dict[str, AppState]]:
+        """Looks at an unfinished app's containers with one Docker request.
+
+        Replicas that ended get their exit code and logs harvested and recorded;
+        replicas whose container vanished are recorded lost. Returns the fresh
+        record and the live states of the replicas still going.
+        """
+        if containers is None:
+            containers = self._containers(LABEL_APP_ID, record["app_id"])
+        by_name = {_container_name(c): c for c in containers}
+        live: Dict[str, AppState] = {}
+        ended: Dict[str, AppRecord] = {}
+        for rep in record["replicas"]:
+            if _is_final(rep):
+                continue
+            c = by_name.get(rep["name"])
+            if c is None:
+                ended[rep["name"]] = {"lost": True}
+            elif c["State"] in ("exited", "dead"):
+                ended[rep["name"]] = self._harvest(record["app_id"], rep)
+            else:
+                live[rep["name"]] = CONTAINER_STATE.get(c["State"], AppState.UNKNOWN)
+        if ended:
+            record = self._record_ends(record["app_id"], ended)
+        return record, live
+
+    def _harvest(self, app_id: str, rep: AppRecord) -> AppRecord:
+        """Reads an ended replica's exit code, then streams its logs to files."""
+        api = self._docker_client.api
+        try:
+            state = api.inspect_container(rep["name"])["State"]
+        except NotFound:
+            return {"lost": True}
+        end: AppRecord = {
+            "exit_code": int(state["ExitCode"]),
+            "restarts": int(state.get("RestartCount", 0) or 0),
+            "error": " (out of memory)" if state.get("OOMKilled") else "",
+        }
+        if state.get("Error"):
+            end["error"] += f" ({state['Error']})"
+        log_dir = self._log_dir(app_id)
+        try:
+            for stream in ("stdout", "stderr"):
+                frames = api.logs(
+                    rep["name"], stdout=stream == "stdout", stderr=stream == "stderr",
+                    timestamps=True, stream=True, follow=False,
+                )
+                _harvest_stream(frames, _log_file(log_dir, rep, stream))
+            end["logs"] = True
+        except NotFound:
+            log.warning("container %s was removed before its logs were read", rep["name"])
+        return end
+
+    def _log_dir(self, app_id: str) -> str:
+        path = os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def _record_ends(self, app_id: str, ended: Dict[str, AppRecord]) -> AppRecord:
+        with self._store.update() as apps:
+            record = copy.deepcopy(apps[app_id])
+            for rep in record["replicas"]:
+                if rep["name"] in ended and not _is_final(rep):
+                    rep.update(ended[rep["name"]])
+            apps[app_id] = record
+        if record.get("remove_on_exit"):
+            self._remove([r["name"] for r in record["replicas"] if r["name"] in ended and r["logs"]])
+        return record
+
+    def _remove(self, names: List[str]) -> None:
+        api = self._docker_client.api
+        for name in names:
+            with contextlib.suppress(NotFound):
+                api.remove_container(name, force=True)
+
+    # -- query ------------------------------------------------------------
+
+    def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
+        """Describes ``app_id`` from the session file, asking Docker only while it runs.
+
+        Returns ``None`` when neither the session file nor Docker knows the app.
+        """
+        record = self._store.apps().get(app_id)
+        if record is None:
+            containers = self._containers(LABEL_APP_ID, app_id)
+            if not containers:
+                return None
+            record = _records_from_containers(containers)[app_id]
+            return _describe_record(record, {_container_name(c): _listed_state(c) for c in containers})
+        live: Dict[str, AppState] = {}
+        if record["state"] is None and not _settled(record):
+            record, live = self._observe(record)
+        return _describe_record(record, live)
+
+    def list(self) -> List[ListAppResponse]:
+        """This session's apps with their states, oldest first.
+
+        Containers labelled with this session that the session file lacks are
+        listed too; other sessions' apps are not.
+        """
+        apps = self._store.apps()
+        try:
+            containers: Optional[List[Dict[str, Any]]] = self._containers(LABEL_SESSION, self.session_name)
+        except DockerUnavailableError as e:
+            log.warning("listing from the session file only: %s", e)
+            containers = None
+        by_app: Dict[str, List[Dict[str, Any]]] = {}
+        for c in containers or []:
+            by_app.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
+        found = []
+        for app_id, record in sorted(apps.items(), key=lambda item: item[1].get("created", 0)):
+            live: Dict[str, AppState] = {}
+            if containers is not None and not _settled(record):
+                record, live = self._observe(record, by_app.get(app_id, []))
+            found.append(ListAppResponse(app_id=app_id, state=_describe_record(record, live).state))
+        for app_id, group in by_app.items():
+            if app_id not in apps:
+                states = [_listed_state(c) for c in group]
+                found.append(ListAppResponse(app_id=app_id, state=_app_state({"state": None}, states)))
+        return found
+
+    def log_iter(
+        self,
+        app_id: str,
+        role_name: str,
+        k: int = 0,
+        regex: Optional[str] = None,
+        since: Optional[datetime] = None,
+        until: Optional[datetime] = None,
+        should_tail: bool = False,
+        streams: Optional[Stream] = None,
+    ) -> Iterable[str]:
+        """Lines of one replica's log, each ending in a newline (but maybe the last).
+
+        Served live from Docker while the container exists and from the
+        harvested files once the replica ended, with the same meaning for every
+        parameter: ``since``/``until`` are inclusive and naive datetimes are UTC,
+        ``should_tail`` follows until the replica exits, ``streams`` picks stdout,
+        stderr or both (the default), ``regex`` keeps matching lines.
+
+        Raises:
+            ValueError: for an unknown app, role or replica index; it names the valid ones.
+        """
+        rep = self._find_replica(app_id, role_name, k)
+        stdout, stderr = streams != Stream.STDERR, streams != Stream.STDOUT
+        lines: Iterator[bytes]
+        if rep["logs"]:
+            lines = self._harvested(app_id, rep, stdout, stderr, since, until)
+        else:
+            lines = self._live(app_id, rep, stdout, stderr, since, until, should_tail)
+        text = (line.decode("utf-8", "replace") for line in lines)
+        return filter_regex(regex, text) if regex else text
+
+    def _find_replica(self, app_id: str, role_name: str, k: int) -> AppRecord:
+        record = self._store.apps().get(app_id)
+        if record is None:
+            containers = self._containers(LABEL_APP_ID, app_id)
+            if not containers:
+                raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
+            record = _records_from_containers(containers)[app_id]
+        roles = {r["name"]: r["num_replicas"] for r in record["roles"]}
+        if role_name not in roles:
+            raise ValueError(f"app {app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
+        for rep in record["replicas"]:
+            if rep["role"] == role_name and rep["id"] == k:
+                return rep
+        raise ValueError(
+            f"role {role_name!r} of app {app_id!r} has no replica {k}; "
+            f"valid replica indices are 0 to {roles[role_name] - 1}"
+        )
+
+    def _harvested(
+        self, app_id: str, rep: AppRecord, stdout: bool, stderr: bool,
+        since: Optional[datetime], until: Optional[datetime],
+    ) -> Iterator[bytes]:
+        log_dir = os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
+        paths = [_log_file(log_dir, rep, s) for s, on in (("stdout", stdout), ("stderr", stderr)) if on]
+        return _harvested_lines(paths, since, until)
+
+    def _live(
+        self, app_id: str, rep: AppRecord, stdout: bool, stderr: bool,
+        since: Optional[datetime], until: Optional[datetime], should_tail: bool,
+    ) -> Iterator[bytes]:
+        try:
+            with _reaching_docker():
+                chunks = self._docker_client.api.logs(
+                    rep["name"], stdout=stdout, stderr=stderr, stream=True,
+                    follow=should_tail, since=_epoch(since), until=_epoch(until),
+                )
+        except NotFound:
+            # The container went away: maybe another process harvested it first.
+            record = self._store.apps().get(app_id)
+            if record is not None:
+                record, _ = self._observe(record)
+                fresh = next(r for r in record["replicas"] if r["name"] == rep["name"])
+                if fresh["logs"]:
+                    return self._harvested(app_id, fresh, stdout, stderr, since, until)
+            log.warning("the logs of %s are lost: its container was removed before they were read", rep["name"])
+            return iter(())
+        return _whole_lines(chunks)
+
+    # -- cancel and close -------------------------------------------------
+
+    def cancel(self, app_id: str) -> None:
+        """Stops ``app_id``'s containers; from then on every process sees CANCELLED.
+
+        An app that already ended keeps its state; an unknown app id is logged and ignored.
+        """
+        if not self.exists(app_id):
+            log.warning("cancel: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name)
+            return
+        self._cancel_existing(app_id)
+
+    def _cancel_existing(self, app_id: str) -> None:
+        with _reaching_docker():
+            self._docker_client.ping()
+        with self._store.update() as apps:
+            record = apps.get(app_id)
+            if record is None:  # known to Docker only: adopt it so the cancel is recorded
+                record = self._records_for(app_id)
+            if record["state"] is not None or _settled(record):
+                log.info("cancel: app %s already ended; nothing to do", app_id)
+                return
+            record = copy.deepcopy(record)
+            record["state"] = AppState.CANCELLED.name
+            apps[app_id] = record
+        self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
+        self._observe(record)
+
+    def _records_for(self, app_id: str) -> AppRecord:
+        return _records_from_containers(self._containers(LABEL_APP_ID, app_id))[app_id]
+
+    def _stop(self, names: List[str]) -> None:
+        api = self._docker_client.api
+
+        def stop(name: str) -> None:
+            with contextlib.suppress(NotFound):
+                api.stop(name, timeout=STOP_TIMEOUT)
+
+        with _reaching_docker(), ThreadPoolExecutor(max(1, min(_START_WORKERS, len(names)))) as pool:
+            list(pool.map(stop, names))
+
+    def close(self) -> None:
+        """Ends this instance; idempotent, never raises.
+
+        Unless ``detach=True``, the apps this instance scheduled that still run
+        are stopped and recorded CANCELLED, every exit code and log is
+        harvested, and this instance's containers are removed. Garbage
+        collection and interpreter exit never stop anything.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self.detach:
+            for app_id in self._scheduled:
+                try:
+                    self._shut_down(app_id)
+                except Exception as e:
+                    log.warning("close: could not shut down app %s: %s", app_id, e)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+    def _shut_down(self, app_id: str) -> None:
+        record = self._store.apps().get(app_id)
+        if record is None:
+            return
+        if not _settled(record):
+            record, _ = self._observe(record)
+        if not _settled(record):
+            self._cancel_existing(app_id)
+            record = self._store.apps()[app_id]
+        done = [r["name"] for r in record["replicas"] if r["lost"] or (r["exit_code"] is not None and r["logs"])]
+        kept = [r["name"] for r in record["replicas"] if r["name"] not in done]
+        if kept:
+            log.warning("close: keeping containers %s: their logs could not be recorded", kept)
+        self._remove(done)
+
+
+# ---------------------------------------------------------------------------
+# Factory
+# ---------------------------------------------------------------------------
+
+
+def create_scheduler(
+    session_name: str, state_dir: Optional[str] = None, detach: bool = True, **kwargs: Any
+) -> PersistentDockerScheduler:
+    """The torchx scheduler factory (entry point ``local_docker_persistent``).
+
+    ``detach`` defaults to True here, unlike the class: torchx's CLI and
+    ``Runner`` close their schedulers when they exit, and an app started with
+    ``torchx run`` must outlive the CLI. Other keyword arguments are ignored.
+    """
+    if kwargs:
+        log.debug("create_scheduler ignores %s", sorted(kwargs))
+    return PersistentDockerScheduler(session_name, state_dir=state_dir, detach=detach)

@@ -1,0 +1,690 @@
+"""Tests for docker_scheduler, against a real Docker daemon.
+
+Sections mirror the module: labels and names, session store, log harvest,
+scheduler (describe, logs, cancel, close), factory and the torchx CLI.
+The tests provision ``busybox:latest`` themselves (present, else pulled, else
+built FROM scratch around a static busybox on the host) and remove every
+container they create, by label. With no daemon they skip, unless CI=true.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import docker
+import pytest
+from docker.errors import DockerException, NotFound
+from torchx import specs
+from torchx.schedulers import get_scheduler_factories
+from torchx.schedulers.api import Stream
+from torchx.specs import AppState
+
+import docker_scheduler
+from docker_scheduler import (
+    LABEL_SESSION,
+    PersistentDockerScheduler,
+    create_scheduler,
+)
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+IMAGE = "busybox:latest"
+# Tests use the local image; `always` would ask a registry first.
+CFG: Dict[str, Any] = {"image_pull": "missing"}
+# Runs until stopped, and stops at once on SIGTERM (PID 1 ignores it by default).
+LONG = "trap 'exit 143' TERM; sleep 300 & wait"
+TERMINAL = (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED)
+ROOT = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: daemon, image, schedulers and cleanup
+# ---------------------------------------------------------------------------
+
+
+def _static_busybox() -> Optional[Path]:
+    for candidate in ("/bin/busybox", shutil.which("busybox")):
+        if candidate and os.path.isfile(candidate):
+            data = Path(candidate).read_bytes()
+            if b"/ld-linux" not in data and b"/ld-musl" not in data:
+                return Path(candidate)
+    return None
+
+
+def provision_busybox(client: "docker.DockerClient") -> str:
+    """Makes ``busybox:latest`` available: present, else pulled, else built from the host's static busybox."""
+    try:
+        client.images.get(IMAGE)
+        return IMAGE
+    except NotFound:
+        pass
+    try:
+        client.images.pull("busybox", tag="latest")
+        return IMAGE
+    except DockerException as e:
+        logging.info("pulling busybox failed (%s); building it from a static busybox", e)
+    binary = _static_busybox()
+    if binary is None:
+        raise RuntimeError("no busybox image, no registry and no static busybox: apt-get install busybox-static")
+    dockerfile = b'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+        tar.add(str(binary), arcname="busybox")
+    context.seek(0)
+    client.images.build(fileobj=context, custom_context=True, tag=IMAGE, rm=True)
+    return IMAGE
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator["docker.DockerClient"]:
+    try:
+        c = docker.from_env()
+        c.ping()
+    except DockerException as e:
+        if CI:
+            pytest.fail(f"CI=true and no Docker daemon answers: {e}")
+        pytest.skip(f"no Docker daemon answers ({e}); start dockerd to run these tests")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def image(client: "docker.DockerClient") -> str:
+    return provision_busybox(client)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "state")
+
+
+@pytest.fixture
+def make(client: "docker.DockerClient", image: str, state_dir: str) -> Iterator[Callable[..., PersistentDockerScheduler]]:
+    """Builds schedulers on fresh sessions; afterwards removes every container of those sessions."""
+    sessions: List[str] = []
+    made: List[PersistentDockerScheduler] = []
+
+    def make(session: Optional[str] = None, **kwargs: Any) -> PersistentDockerScheduler:
+        name = session or f"test-{uuid.uuid4().hex[:10]}"
+        kwargs.setdefault("state_dir", state_dir)
+        scheduler = PersistentDockerScheduler(name, **kwargs)
+        sessions.append(name)
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    for name in set(sessions):
+        remove_session_containers(client, name)
+    for scheduler in made:
+        scheduler.close()
+
+
+def remove_session_containers(client: "docker.DockerClient", session: str) -> None:
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
+        c.remove(force=True)
+
+
+def role(name: str, script: str, replicas: int = 1, **kwargs: Any) -> specs.Role:
+    return specs.Role(
+        name, image=IMAGE, entrypoint="sh", args=["-c", script], num_replicas=replicas, **kwargs
+    )
+
+
+def submit(scheduler: PersistentDockerScheduler, *roles: specs.Role, name: str = "app", **cfg: Any) -> str:
+    return scheduler.submit(specs.AppDef(name, roles=list(roles)), {**CFG, **cfg})
+
+
+def wait_for(scheduler: PersistentDockerScheduler, app_id: str, states: Any = TERMINAL, timeout: float = 60):
+    """Polls until the app is in ``states``; for terminal states, until every replica ended too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        desc = scheduler.describe(app_id)
+        replicas = [r.state for s in desc.roles_statuses for r in s.replicas] if desc else []
+        settled = states != TERMINAL or all(r in TERMINAL for r in replicas)
+        if desc is not None and desc.state in states and settled:
+            return desc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{app_id} is {desc.state if desc else None}, not in {states}, after {timeout}s")
+        time.sleep(0.2)
+
+
+def container_names(client: "docker.DockerClient", app_id: str) -> List[str]:
+    found = client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
+    return sorted(c.name for c in found)
+
+
+def wait_exited(client: "docker.DockerClient", app_id: str) -> None:
+    for name in container_names(client, app_id):
+        client.api.wait(name, timeout=60)
+
+
+def run_python(code: str, state_dir: str, env: Optional[Dict[str, str]] = None) -> Any:
+    """Runs ``code`` in a new interpreter and returns what it printed as JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# Labels, names and the state directory
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", "../up", "a..b", "nul\0byte"])
+def test_session_name_is_validated(name: str, state_dir: str) -> None:
+    with pytest.raises(ValueError, match="invalid session name"):
+        PersistentDockerScheduler(name, state_dir=state_dir)
+    assert not os.path.exists(os.path.join(state_dir, f"{name}.pickle"))
+
+
+def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("DOCKER_SCHEDULER_STATE_DIR", raising=False)
+    assert PersistentDockerScheduler("s").state_dir == str(tmp_path / "xdg" / "docker_scheduler")
+    monkeypatch.setenv("DOCKER_SCHEDULER_STATE_DIR", str(tmp_path / "env"))
+    assert PersistentDockerScheduler("s").state_dir == str(tmp_path / "env")
+    scheduler = PersistentDockerScheduler("s", state_dir=str(tmp_path / "arg"))
+    assert scheduler.session_file == str(tmp_path / "arg" / "s.pickle")
+
+
+# ---------------------------------------------------------------------------
+# Session store
+# ---------------------------------------------------------------------------
+
+
+def _builtin_only(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_builtin_only(k) and _builtin_only(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_builtin_only(v) for v in value)
+    return value is None or type(value) in (str, int, float, bool, bytes, datetime)
+
+
+def test_session_file_holds_builtins_with_private_modes(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo out; echo err >&2"))
+    wait_for(scheduler, app_id)
+    with open(scheduler.session_file, "rb") as f:
+        data = docker_scheduler._RestrictedUnpickler(f).load()
+    assert data["format"] == docker_scheduler.FORMAT_VERSION
+    assert app_id in data["apps"] and _builtin_only(data)
+    assert stat.S_IMODE(os.stat(scheduler.session_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(scheduler.state_dir).st_mode) == 0o700
+    log_dir = Path(scheduler.state_dir) / f"{scheduler.session_name}.logs" / app_id
+    assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
+    assert {p.name for p in log_dir.iterdir()} == {"r.0.stdout", "r.0.stderr"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in log_dir.iterdir())
+
+
+class _RunsCode:
+    """Unpickling this would create a marker file through os.system."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_refuses_a_crafted_pickle(
+    make: Callable[..., PersistentDockerScheduler], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"format": 1, "session": "x", "apps": {"a": _RunsCode(str(marker))}})
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        docker_scheduler._RestrictedUnpickler(io.BytesIO(payload)).load()
+    scheduler = make()
+    Path(scheduler.session_file).write_bytes(payload)
+    os.chmod(scheduler.session_file, 0o600)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert scheduler.describe("a") is None
+    assert not marker.exists()
+    aside = [p for p in Path(scheduler.state_dir).iterdir() if ".pickle.corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == payload
+    assert scheduler.session_file in caplog.text and str(aside[0]) in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Scheduler: describe
+# ---------------------------------------------------------------------------
+
+
+def test_describe_unknown_app_is_none(make: Callable[..., PersistentDockerScheduler]) -> None:
+    assert make().describe("never-scheduled-0000") is None
+
+
+def test_multi_role_mixed_states_fail_and_keep_roles_as_submitted(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
+    scheduler = make()
+    good = role("good", "echo $GREETING", replicas=2, env={"GREETING": "hi"})
+    bad = role("bad", "exit 3")
+    app_id = submit(scheduler, good, bad)
+    desc = wait_for(scheduler, app_id)
+    assert desc.state == AppState.FAILED
+    states = {(s.role, r.id): r.state for s in desc.roles_statuses for r in s.replicas}
+    assert states == {("good", 0): AppState.SUCCEEDED, ("good", 1): AppState.SUCCEEDED, ("bad", 0): AppState.FAILED}
+    roles = {r.name: r for r in desc.roles}
+    assert (roles["good"].image, roles["good"].entrypoint, roles["good"].args) == (IMAGE, "sh", ["-c", "echo $GREETING"])
+    assert roles["good"].env == {"GREETING": "hi"} and roles["good"].num_replicas == 2
+    assert roles["bad"].num_replicas == 1
+    assert "bad/0 exited with code 3" in desc.msg
+
+
+def test_multi_replica_succeeds_only_when_every_replica_does(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    ok = submit(scheduler, role("w", "exit 0", replicas=3))
+    one_bad = submit(scheduler, role("w", '[ "$(hostname)" != "${HOSTNAME%-1}-1" ]', replicas=3))
+    assert wait_for(scheduler, ok).state == AppState.SUCCEEDED
+    desc = wait_for(scheduler, one_bad)
+    assert desc.state == AppState.FAILED
+    assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.SUCCEEDED, AppState.FAILED, AppState.SUCCEEDED]
+
+
+def test_running_app_reads_running_until_every_replica_ends(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("quick", "exit 0"), role("slow", LONG))
+    deadline = time.monotonic() + 30
+    while True:
+        desc = scheduler.describe(app_id)
+        replicas = {s.role: s.replicas[0].state for s in desc.roles_statuses}
+        if replicas == {"quick": AppState.SUCCEEDED, "slow": AppState.RUNNING}:
+            break
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.2)
+    assert desc.state == AppState.RUNNING
+
+
+@pytest.mark.parametrize(
+    "states, expected",
+    [
+        ([AppState.SUCCEEDED, AppState.RUNNING, AppState.PENDING], AppState.PENDING),
+        ([AppState.RUNNING, AppState.SUBMITTED], AppState.SUBMITTED),
+        ([AppState.SUCCEEDED, AppState.UNKNOWN], AppState.UNKNOWN),
+        ([AppState.FAILED, AppState.RUNNING], AppState.FAILED),
+        ([AppState.SUCCEEDED, AppState.SUCCEEDED], AppState.SUCCEEDED),
+        ([], AppState.UNKNOWN),
+    ],
+)
+def test_app_state_rules(states: List[AppState], expected: AppState) -> None:
+    assert docker_scheduler._app_state({"state": None}, states) == expected
+    assert docker_scheduler._app_state({"state": "CANCELLED"}, states) == AppState.CANCELLED
+
+
+def test_exit_code_and_logs_survive_container_removal(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo bye; exit 7"))
+    assert wait_for(scheduler, app_id).state == AppState.FAILED
+    for name in container_names(client, app_id):
+        client.api.remove_container(name)
+    fresh = make(session=scheduler.session_name)
+    desc = fresh.describe(app_id)
+    assert desc.state == AppState.FAILED and "exited with code 7" in desc.msg
+    assert list(fresh.log_iter(app_id, "r")) == ["bye\n"]
+
+
+def test_container_removed_before_exit_reads_unknown(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", LONG))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    for name in container_names(client, app_id):
+        client.api.remove_container(name, force=True)
+    desc = scheduler.describe(app_id)
+    assert desc.state == AppState.UNKNOWN
+    assert "vanished" in desc.msg
+    assert make(session=scheduler.session_name).describe(app_id).state == AppState.UNKNOWN
+
+
+def test_recorded_app_is_served_without_docker(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo recorded; exit 2"))
+    wait_for(scheduler, app_id)
+    seen = run_python(
+        f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})
+        d = s.describe({app_id!r})
+        print(json.dumps([d.state.name, list(s.log_iter({app_id!r}, "r"))]))
+        """,
+        scheduler.state_dir,
+        env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"},
+    )
+    assert seen == ["FAILED", ["recorded\n"]]
+
+
+# ---------------------------------------------------------------------------
+# Scheduler: logs
+# ---------------------------------------------------------------------------
+
+SCRIPT = "echo o1; sleep 0.3; echo e1 >&2; sleep 1.2; echo o2; sleep 0.3; echo e2 >&2; sleep 1.2; echo o3; printf partial"
+
+
+def _docker_times(client: "docker.DockerClient", name: str) -> Dict[str, datetime]:
+    times = {}
+    for line in client.api.logs(name, timestamps=True).decode().splitlines():
+        ts, _, text = line.partition(" ")
+        times[text] = datetime.strptime(ts[:26], "%Y-%m-%dT%H:%M:%S.%f")
+    return times
+
+
+def _all_params(times: Dict[str, datetime]) -> Dict[str, Dict[str, Any]]:
+    mid1 = times["e1"] + (times["o2"] - times["e1"]) / 2
+    mid2 = times["e2"] + (times["o3"] - times["e2"]) / 2
+    return {
+        "default": {},
+        "stdout": {"streams": Stream.STDOUT},
+        "stderr": {"streams": Stream.STDERR},
+        "combined": {"streams": Stream.COMBINED},
+        "regex": {"regex": "^o"},
+        "since": {"since": mid1},
+        "since_aware": {"since": mid1.replace(tzinfo=timezone.utc).astimezone(timezone(timedelta(hours=5)))},
+        "until": {"until": mid2},
+        "window": {"since": mid1, "until": mid2},
+        "window_stdout_regex": {"since": mid1, "until": mid2, "streams": Stream.STDOUT, "regex": "2"},
+        "tail": {"should_tail": True},
+    }
+
+
+EXPECTED = {
+    "default": ["o1\n", "e1\n", "o2\n", "e2\n", "o3\n", "partial"],
+    "stdout": ["o1\n", "o2\n", "o3\n", "partial"],
+    "stderr": ["e1\n", "e2\n"],
+    "combined": ["o1\n", "e1\n", "o2\n", "e2\n", "o3\n", "partial"],
+    "regex": ["o1\n", "o2\n", "o3\n"],
+    "since": ["o2\n", "e2\n", "o3\n", "partial"],
+    "since_aware": ["o2\n", "e2\n", "o3\n", "partial"],
+    "until": ["o1\n", "e1\n", "o2\n", "e2\n"],
+    "window": ["o2\n", "e2\n"],
+    "window_stdout_regex": ["o2\n"],
+    "tail": ["o1\n", "e1\n", "o2\n", "e2\n", "o3\n", "partial"],
+}
+
+
+def test_every_log_parameter_reads_the_same_before_and_after_removal(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", SCRIPT))
+    wait_exited(client, app_id)
+    (name,) = container_names(client, app_id)
+    params = _all_params(_docker_times(client, name))
+    live = {key: list(scheduler.log_iter(app_id, "r", **p)) for key, p in params.items()}
+    assert live == EXPECTED
+    wait_for(scheduler, app_id)  # harvests
+    client.api.remove_container(name)
+    fresh = make(session=scheduler.session_name)
+    harvested = {key: list(fresh.log_iter(app_id, "r", **p)) for key, p in params.items()}
+    assert harvested == EXPECTED
+
+
+def test_long_lines_survive_harvest_whole(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "head -c 40000 /dev/zero | tr '\\0' x; echo; echo next"))
+    wait_exited(client, app_id)
+    live = list(scheduler.log_iter(app_id, "r"))
+    wait_for(scheduler, app_id)
+    for name in container_names(client, app_id):
+        client.api.remove_container(name)
+    assert live == ["x" * 40000 + "\n", "next\n"]
+    assert list(scheduler.log_iter(app_id, "r")) == live
+
+
+def test_tail_follows_a_running_replica_until_it_exits(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "for i in 1 2 3; do echo line$i; sleep 0.5; done"))
+    assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == ["line1\n", "line2\n", "line3\n"]
+    assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == ["line1\n", "line2\n", "line3\n"]
+
+
+def test_log_iter_names_the_valid_roles_and_replicas(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("a", "true", replicas=2), role("b", "true"))
+    with pytest.raises(ValueError, match=r"no role 'c'; its roles are \['a', 'b'\]"):
+        scheduler.log_iter(app_id, "c")
+    with pytest.raises(ValueError, match="no replica 2; valid replica indices are 0 to 1"):
+        scheduler.log_iter(app_id, "a", 2)
+    with pytest.raises(ValueError, match="no app 'nope-123'"):
+        scheduler.log_iter("nope-123", "a")
+
+
+# ---------------------------------------------------------------------------
+# Scheduler: another process, cancel
+# ---------------------------------------------------------------------------
+
+
+def test_a_second_process_reads_what_the_first_recorded(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo from-first; exit 4", replicas=2))
+    wait_for(scheduler, app_id)
+    seen = run_python(
+        f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})
+        d = s.describe({app_id!r})
+        states = [r.state.name for r in d.roles_statuses[0].replicas]
+        print(json.dumps([d.state.name, states, list(s.log_iter({app_id!r}, "r", 1)), [a.app_id for a in s.list()]]))
+        """,
+        scheduler.state_dir,
+    )
+    assert seen == ["FAILED", ["FAILED", "FAILED"], ["from-first\n"], [app_id]]
+
+
+def test_cancel_is_seen_by_every_process(make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient") -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", LONG, replicas=2))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    scheduler.cancel(app_id)
+    assert scheduler.describe(app_id).state == AppState.CANCELLED
+    assert all(not c.attrs["State"]["Running"] for c in client.containers.list(
+        all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}))
+    seen = run_python(
+        f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        print(json.dumps(PersistentDockerScheduler({scheduler.session_name!r}).describe({app_id!r}).state.name))
+        """,
+        scheduler.state_dir,
+    )
+    assert seen == "CANCELLED"
+
+
+def test_cancel_of_finished_or_unknown_apps_changes_nothing(
+    make: Callable[..., PersistentDockerScheduler], caplog: pytest.LogCaptureFixture
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "exit 0"))
+    wait_for(scheduler, app_id)
+    scheduler.cancel(app_id)
+    assert scheduler.describe(app_id).state == AppState.SUCCEEDED
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        scheduler.cancel("no-such-app-123")
+    assert "no-such-app-123" in caplog.text
+
+
+def test_list_shows_this_session_only(make: Callable[..., PersistentDockerScheduler]) -> None:
+    mine, other = make(), make()
+    a = submit(mine, role("r", "exit 0"))
+    b = submit(mine, role("r", "exit 1"))
+    c = submit(other, role("r", "exit 0"))
+    wait_for(mine, a), wait_for(mine, b), wait_for(other, c)
+    assert {(x.app_id, x.state) for x in mine.list()} == {(a, AppState.SUCCEEDED), (b, AppState.FAILED)}
+    assert [x.app_id for x in other.list()] == [c]
+
+
+# ---------------------------------------------------------------------------
+# Scheduler: close, detach and garbage collection
+# ---------------------------------------------------------------------------
+
+
+def test_close_stops_harvests_and_removes_this_instances_containers(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    running = submit(scheduler, role("r", "echo started; " + LONG))
+    finished = submit(scheduler, role("r", "echo done"))
+    wait_for(scheduler, running, (AppState.RUNNING,))
+    wait_exited(client, finished)
+    bystander = make(session=scheduler.session_name, detach=True)
+    other = submit(bystander, role("r", LONG))
+    scheduler.close()
+    scheduler.close()  # idempotent
+    assert container_names(client, running) == [] and container_names(client, finished) == []
+    assert len(container_names(client, other)) == 1
+    fresh = make(session=scheduler.session_name)
+    assert fresh.describe(running).state == AppState.CANCELLED
+    assert fresh.describe(finished).state == AppState.SUCCEEDED
+    assert list(fresh.log_iter(running, "r")) == ["started\n"]
+    assert list(fresh.log_iter(finished, "r")) == ["done\n"]
+    assert fresh.describe(other).state == AppState.RUNNING
+
+
+def test_detached_close_leaves_apps_running(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make(detach=True)
+    app_id = submit(scheduler, role("r", LONG))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    scheduler.close()
+    assert make(session=scheduler.session_name).describe(app_id).state == AppState.RUNNING
+    assert len(container_names(client, app_id)) == 1
+
+
+def test_garbage_collection_and_interpreter_exit_never_stop_apps(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient", state_dir: str
+) -> None:
+    session = make().session_name
+    app_id = run_python(
+        f"""
+        import gc, json
+        from torchx import specs
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({session!r})
+        app = specs.AppDef("gc", roles=[specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", {LONG!r}])])
+        app_id = s.submit(app, {{"image_pull": "missing"}})
+        del s
+        gc.collect()
+        print(json.dumps(app_id))
+        """,
+        state_dir,
+    )
+    scheduler = make(session=session)
+    assert wait_for(scheduler, app_id, (AppState.RUNNING,)).state == AppState.RUNNING
+    gc.collect()
+    assert scheduler.describe(app_id).state == AppState.RUNNING
+
+
+def test_close_never_raises_when_docker_went_away(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", LONG))
+    scheduler._client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+    scheduler.close()
+    assert make(session=scheduler.session_name).describe(app_id).state == AppState.RUNNING
+
+
+# ---------------------------------------------------------------------------
+# Factory and the torchx CLI
+# ---------------------------------------------------------------------------
+
+
+def test_create_scheduler_passes_state_dir_and_detach(tmp_path: Path) -> None:
+    scheduler = create_scheduler("f", state_dir=str(tmp_path / "s"), detach=False, unrelated=1)
+    assert isinstance(scheduler, PersistentDockerScheduler)
+    assert (scheduler.state_dir, scheduler.detach) == (str(tmp_path / "s"), False)
+    assert create_scheduler("f", state_dir=str(tmp_path / "s")).detach is True
+
+
+def test_entry_points_keep_torchx_builtins() -> None:
+    factories = get_scheduler_factories()
+    assert {"local_docker", "local_cwd", "kubernetes", "slurm", "local_docker_persistent"} <= set(factories)
+
+
+def _torchx(*args: str, cwd: Path, env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("torchx")
+    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_run_status_log_list_cancel(client: "docker.DockerClient", image: str, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    handles: List[str] = []
+    try:
+        run = _torchx("run", "-s", "local_docker_persistent", "utils.echo", "--image", "busybox", "--msg", "hello",
+                      cwd=work, env=env)
+        assert run.returncode == 0, run.stderr
+        handle = run.stdout.strip().splitlines()[-1]
+        handles.append(handle)
+        assert handle.startswith("local_docker_persistent://torchx/echo-")
+        assert "echo/0 hello" in run.stderr and "Job finished: SUCCEEDED" in run.stderr
+        status = _torchx("status", handle, cwd=work, env=env)
+        assert "State: SUCCEEDED" in status.stdout, status.stderr
+        logs = _torchx("log", handle, cwd=work, env=env)
+        assert "echo/0 hello" in logs.stdout + logs.stderr
+        listed = _torchx("list", "-s", "local_docker_persistent", cwd=work, env=env)
+        assert handle in listed.stdout
+
+        # The CLI waits on local_* schedulers; interrupting it must leave the app running.
+        exe = Path(sys.executable).with_name("torchx")
+        waiting = subprocess.Popen(
+            [str(exe), "run", "--workspace", "", "-s", "local_docker_persistent", "utils.sh",
+             "--image", "busybox", "sh", "-c", LONG],
+            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert waiting.stdout is not None
+        long_handle = waiting.stdout.readline().strip()
+        assert long_handle.startswith("local_docker_persistent://"), waiting.communicate(timeout=60)
+        handles.append(long_handle)
+        deadline = time.monotonic() + 60
+        while "State: RUNNING" not in _torchx("status", long_handle, cwd=work, env=env).stdout:
+            assert time.monotonic() < deadline, "the app never ran"
+            time.sleep(0.3)
+        waiting.send_signal(signal.SIGINT)
+        waiting.communicate(timeout=60)
+        assert "State: RUNNING" in _torchx("status", long_handle, cwd=work, env=env).stdout
+        cancel = _torchx("cancel", long_handle, cwd=work, env=env)
+        assert cancel.returncode == 0, cancel.stderr
+        assert "State: CANCELLED" in _torchx("status", long_handle, cwd=work, env=env).stdout
+    finally:
+        built = set()
+        for handle in handles:
+            app_id = handle.rsplit("/", 1)[-1]
+            for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
+                if c.attrs["Config"]["Image"].startswith("sha256:"):
+                    built.add(c.attrs["Config"]["Image"])
+                c.remove(force=True)
+        for image_id in built:  # the workspace image torchx built for the run
+            client.images.remove(image_id, force=True)
