@@ -235,6 +235,7 @@ class _SessionStore:
         self._stamp: Optional[_Stamp] = None
         self._apps: Dict[str, AppRecord] = {}
         self._held = threading.local()
+        self._temp_name = re.compile(re.escape(f".{session_name}.") + r"[a-z0-9_]{8}\.tmp")
 
     def apps(self) -> Dict[str, AppRecord]:
         """The session's apps by id, as of the last write by any process."""
@@ -295,6 +296,7 @@ class _SessionStore:
     def _write(self, apps: Dict[str, AppRecord]) -> None:
         data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": apps}
         directory = os.path.dirname(self.path)
+        self._remove_stale_temp_files(directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._session_name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -307,6 +309,13 @@ class _SessionStore:
                 os.unlink(tmp)
             raise
         self._stamp, self._apps = _stamp(os.stat(self.path)), apps
+
+    def _remove_stale_temp_files(self, directory: str) -> None:
+        # Writers hold the lock, so a temp file seen under it was left by one that died.
+        for entry in os.scandir(directory):
+            if self._temp_name.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -883,12 +892,13 @@ class PersistentDockerScheduler(DockerScheduler):
         """Reads an ended replica's exit code, then streams its logs to files."""
         api = self._docker_client.api
         try:
-            state = api.inspect_container(rep["name"])["State"]
+            inspected = api.inspect_container(rep["name"])
         except NotFound:
             return {"lost": True}
+        state = inspected["State"]
         end: AppRecord = {
             "exit_code": int(state["ExitCode"]),
-            "restarts": int(state.get("RestartCount", 0) or 0),
+            "restarts": int(inspected.get("RestartCount") or 0),
             "error": " (out of memory)" if state.get("OOMKilled") else "",
         }
         if state.get("Error"):
@@ -1067,20 +1077,23 @@ class PersistentDockerScheduler(DockerScheduler):
         self._cancel_existing(app_id)
 
     def _cancel_existing(self, app_id: str) -> None:
+        recorded = self._store.apps().get(app_id)
+        if recorded is not None and (recorded["state"] is not None or _settled(recorded)):
+            log.info("cancel: app %s already ended; nothing to do", app_id)
+            return
         with _reaching_docker():
-            self._docker_client.ping()
+            self._docker_client.ping()  # fail before recording a cancel that cannot happen
         with self._store.update() as apps:
             record = apps.get(app_id)
             if record is None:  # known to Docker only: adopt it so the cancel is recorded
                 record = self._records_for(app_id)
-            if record["state"] is not None or _settled(record):
-                log.info("cancel: app %s already ended; nothing to do", app_id)
-                return
-            record = copy.deepcopy(record)
-            record["state"] = AppState.CANCELLED.name
-            apps[app_id] = record
-        self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
-        self._observe(record)
+            if record["state"] is None and not _settled(record):
+                record = copy.deepcopy(record)
+                record["state"] = AppState.CANCELLED.name
+                apps[app_id] = record
+        if record["state"] == AppState.CANCELLED.name:
+            self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
+            self._observe(record)
 
     def _records_for(self, app_id: str) -> AppRecord:
         return _records_from_containers(self._containers(LABEL_APP_ID, app_id))[app_id]

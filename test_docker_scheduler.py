@@ -9,6 +9,7 @@ container they create, by label. With no daemon they skip, unless CI=true.
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import json
@@ -688,3 +689,287 @@ def test_cli_run_status_log_list_cancel(client: "docker.DockerClient", image: st
                 c.remove(force=True)
         for image_id in built:  # the workspace image torchx built for the run
             client.images.remove(image_id, force=True)
+
+
+# ---------------------------------------------------------------------------
+# Reliability and security: concurrency, crashes, corruption, Docker faults, bad input
+# ---------------------------------------------------------------------------
+
+WRITER = """
+import json, sys
+from torchx import specs
+from docker_scheduler import PersistentDockerScheduler
+session, count = sys.argv[1], int(sys.argv[2])
+s = PersistentDockerScheduler(session, detach=True)
+app = specs.AppDef("w", roles=[specs.Role("r", image="busybox:latest", entrypoint="true")])
+for _ in range(count):
+    print(s.submit(app, {"image_pull": "missing"}), flush=True)
+"""
+
+
+def test_concurrent_writers_lose_no_app(make: Callable[..., PersistentDockerScheduler], state_dir: str) -> None:
+    session = make().session_name
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, session, "10"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    scheduled = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        scheduled += out.split()
+    assert len(set(scheduled)) == 80
+    seen = run_python(
+        f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({session!r})
+        print(json.dumps({{a: s.describe(a).roles[0].name for a in {scheduled!r}}}))
+        """,
+        state_dir,
+    )
+    assert seen == {app_id: "r" for app_id in scheduled}
+    assert set(scheduled) <= set(make(session=session)._store.apps())
+
+
+def test_sigkill_while_scheduling_never_corrupts_the_file(
+    make: Callable[..., PersistentDockerScheduler], state_dir: str
+) -> None:
+    session = make().session_name
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir}
+    returned: List[str] = []
+    for delay in [0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6]:
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, session, "1000"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        time.sleep(1.2 + delay)  # interpreter start-up, then a varied point inside the loop
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        returned += out.split()
+        fresh = make(session=session)
+        apps = fresh._store.apps()  # loads, or raises
+        assert set(returned) <= set(apps)
+    assert len(returned) >= 5, "the writer never got to schedule"
+    assert not [p for p in Path(state_dir).iterdir() if ".corrupt-" in p.name]
+    submit(fresh, role("r", "true"))  # the next write sweeps temp files the killed writers left
+    assert not [p for p in Path(state_dir).iterdir() if p.name.endswith(".tmp")]
+
+
+CORRUPTIONS: Dict[str, bytes] = {
+    "empty": b"",
+    "truncated": pickle.dumps({"format": 1, "session": "x", "apps": {"a": {"replicas": []}}})[:20],
+    "random": bytes(range(256)) * 4,
+    "wrong_shape": pickle.dumps(["a", "list", "not", "a", "session"]),
+    "unknown_version": pickle.dumps({"format": 99, "session": "x", "apps": {}}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_session_file_is_moved_aside_and_rebuilt_from_containers(
+    kind: str, make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient",
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make(detach=True)
+    running = submit(scheduler, role("r", LONG), role("s", LONG))
+    finished = submit(scheduler, role("r", "echo fine"))
+    wait_for(scheduler, running, (AppState.RUNNING,))
+    wait_exited(client, finished)
+    bad = CORRUPTIONS[kind]
+    Path(scheduler.session_file).write_bytes(bad)
+    fresh = make(session=scheduler.session_name)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        desc = fresh.describe(running)
+    aside = [p for p in Path(fresh.state_dir).iterdir() if ".pickle.corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == bad
+    assert fresh.session_file in caplog.text and str(aside[0]) in caplog.text
+    assert desc.state == AppState.RUNNING and {r.name for r in desc.roles} == {"r", "s"}
+    assert fresh.describe(finished).state == AppState.SUCCEEDED
+    assert list(fresh.log_iter(finished, "r")) == ["fine\n"]
+    fresh.cancel(running)
+    assert make(session=scheduler.session_name).describe(running).state == AppState.CANCELLED
+    assert {a.app_id for a in fresh.list()} == {running, finished}
+
+
+@pytest.mark.parametrize("what", ["file_group_writable", "file_other_owner", "dir_world_writable", "dir_other_owner"])
+def test_state_others_could_write_is_refused(what: str, make: Callable[..., PersistentDockerScheduler]) -> None:
+    if os.getuid() != 0 and what.endswith("owner"):
+        pytest.skip("changing a file's owner needs root")
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "true"))
+    wait_for(scheduler, app_id)
+    target = scheduler.state_dir if what.startswith("dir") else scheduler.session_file
+    if what.endswith("owner"):
+        os.chown(target, 65534, 65534)
+        fix = f"chown {os.getuid()} {target}"
+    else:
+        os.chmod(target, os.stat(target).st_mode | (0o020 if what.startswith("file") else 0o002))
+        fix = f"chmod go-w {target}"
+    try:
+        with pytest.raises(PermissionError) as raised:
+            PersistentDockerScheduler(scheduler.session_name, state_dir=scheduler.state_dir).describe(app_id)
+        assert target in str(raised.value) and fix in str(raised.value)
+    finally:
+        os.chown(target, os.getuid(), os.getgid())
+        os.chmod(target, 0o700 if what.startswith("dir") else 0o600)
+
+
+@pytest.mark.parametrize("endpoint", ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:9"])
+def test_docker_unreachable_fails_clearly_and_records_stay_readable(
+    endpoint: str, make: Callable[..., PersistentDockerScheduler]
+) -> None:
+    scheduler = make()
+    done = submit(scheduler, role("r", "echo kept; exit 5"))
+    running = submit(scheduler, role("r", LONG))
+    wait_for(scheduler, done)
+    wait_for(scheduler, running, (AppState.RUNNING,))
+    seen = run_python(
+        f"""
+        import json
+        from torchx import specs
+        from docker_scheduler import DockerUnavailableError, PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})  # creating it needs no daemon
+        errors = []
+        app = specs.AppDef("x", roles=[specs.Role("r", image="busybox", entrypoint="true")])
+        for call in (lambda: s.submit(app, {{}}), lambda: s.cancel({running!r})):
+            try:
+                call()
+                errors.append(None)
+            except DockerUnavailableError as e:
+                errors.append(str(e))
+        d = s.describe({done!r})
+        print(json.dumps([errors, d.state.name, d.msg, list(s.log_iter({done!r}, "r"))]))
+        """,
+        scheduler.state_dir,
+        env={"DOCKER_HOST": endpoint},
+    )
+    errors, state, msg, logs = seen
+    assert all(e and endpoint in e and "start it" in e for e in errors), errors
+    assert (state, logs) == ("FAILED", ["kept\n"]) and "code 5" in msg
+    assert scheduler.describe(running).state == AppState.RUNNING  # the failed cancel recorded nothing
+
+
+def test_container_killed_behind_the_schedulers_back_reads_failed(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", LONG))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    for name in container_names(client, app_id):
+        client.api.kill(name)
+    desc = wait_for(scheduler, app_id)
+    assert desc.state == AppState.FAILED and "code 137" in desc.msg
+
+
+@pytest.mark.skipif(
+    os.environ.get("DOCKER_SCHEDULER_TEST_RESTART_DAEMON") != "1",
+    reason="restarts dockerd: set DOCKER_SCHEDULER_TEST_RESTART_DAEMON=1 where this run started the daemon "
+    "(.ci/run does when it starts it)",
+)
+def test_daemon_restart_mid_run_never_reads_succeeded(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", LONG, replicas=2))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    pid = int(Path("/var/run/docker.pid").read_text())
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "dockerd did not stop"
+        time.sleep(0.2)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "docker_scheduler-ci" / "dockerd-restarted.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
+    while True:
+        try:
+            client.ping()
+            break
+        except Exception:
+            assert time.monotonic() < deadline, f"dockerd did not come back; see {log_path}"
+            time.sleep(0.5)
+    desc = wait_for(scheduler, app_id)
+    assert desc.state in (AppState.FAILED, AppState.UNKNOWN)
+    assert all(r.state != AppState.SUCCEEDED for r in desc.roles_statuses[0].replicas)
+
+
+def test_partial_schedule_removes_started_containers_and_records_failed(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    missing = "sha256:" + "0" * 64  # skips the pull: the failure is Docker's create
+    app = specs.AppDef("partial", roles=[role("ok", LONG, replicas=3), specs.Role("broken", image=missing, entrypoint="true")])
+    with pytest.raises(RuntimeError) as raised:
+        scheduler.submit(app, CFG)
+    assert missing in str(raised.value) and "'broken'" in str(raised.value)
+    (app_id,) = [a.app_id for a in scheduler.list()]
+    assert container_names(client, app_id) == []
+    desc = make(session=scheduler.session_name).describe(app_id)
+    assert desc.state == AppState.FAILED and missing in desc.msg
+
+
+@pytest.mark.parametrize(
+    "app, message",
+    [
+        (specs.AppDef("none", roles=[]), "has no roles"),
+        (specs.AppDef("a", roles=[specs.Role("r", image="", entrypoint="true")]), "empty image"),
+        (specs.AppDef("a", roles=[specs.Role("r", image=IMAGE, entrypoint="true", num_replicas=0)]), "num_replicas=0"),
+        (specs.AppDef("a", roles=[specs.Role("bad name!", image=IMAGE, entrypoint="true")]), "cannot be part of a Docker container name"),
+        (specs.AppDef("a", roles=[specs.Role("r", image=IMAGE, entrypoint="true")] * 2), "repeats another role"),
+        (specs.AppDef("sp ace", roles=[specs.Role("r", image=IMAGE, entrypoint="true")]), "Docker refuses"),
+    ],
+)
+def test_bad_input_is_a_value_error_before_anything_is_created(
+    app: specs.AppDef, message: str, make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    with pytest.raises(ValueError, match=message):
+        scheduler.submit(app, CFG)
+    assert client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
+    assert not os.path.exists(scheduler.session_file)
+
+
+def test_a_thousand_apps_load_describe_and_list(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    real = submit(scheduler, role("r", "echo real"))
+    wait_for(scheduler, real)
+    with scheduler._store.update() as apps:
+        template = apps[real]
+        for i in range(999):
+            record = copy.deepcopy(template)
+            record["app_id"] = f"synthetic-{i:04d}"
+            for rep in record["replicas"]:
+                rep["exit_code"] = i % 3
+            apps[record["app_id"]] = record
+    assert os.path.getsize(scheduler.session_file) < 1000 * 1024  # well under 1 KiB an app
+    fresh = make(session=scheduler.session_name)
+    assert len(fresh._store.apps()) == 1000
+    assert fresh.describe("synthetic-0004").state == AppState.FAILED
+    assert fresh.describe("synthetic-0006").state == AppState.SUCCEEDED
+    assert list(fresh.log_iter(real, "r")) == ["real\n"]
+    listed = {a.app_id: a.state for a in fresh.list()}
+    assert len(listed) == 1000 and listed[real] == AppState.SUCCEEDED
+    assert sum(s == AppState.FAILED for s in listed.values()) == 666
+
+
+def test_retries_show_restarts_and_fail_only_after_the_last(
+    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo try; sleep 0.5; exit 1", max_retries=2))
+    seen = []
+    deadline = time.monotonic() + 60
+    while True:
+        desc = scheduler.describe(app_id)
+        seen.append(desc.state)
+        if desc.state in TERMINAL:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert desc.state == AppState.FAILED and desc.num_restarts == 2
+    assert AppState.FAILED not in seen[:-1] and AppState.RUNNING in seen
+    (name,) = container_names(client, app_id)
+    assert client.api.inspect_container(name)["RestartCount"] == 2
+    assert list(scheduler.log_iter(app_id, "r")) == ["try\n"] * 3
