@@ -36,6 +36,7 @@ or through a torchx ``Runner``::
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import fcntl
@@ -49,13 +50,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Tuple
 
 import docker
 import requests
 from docker.errors import DockerException, NotFound
 from torchx.schedulers.api import (
-    AppDryRunInfo,
     DescribeAppResponse,
     ListAppResponse,
     Stream,
@@ -72,12 +72,12 @@ from torchx.schedulers.docker_scheduler import (
     DockerScheduler,
     ensure_network,
 )
-from torchx.specs.api import AppDef, AppState, ReplicaStatus, Role, RoleStatus, runopts
+from torchx.specs.api import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, runopts
 
 if TYPE_CHECKING:
     from docker import DockerClient
 
-__all__ = ["PersistentDockerScheduler", "DockerUnavailableError", "create_scheduler", "log"]
+__all__ = ["DockerUnavailableError", "PersistentDockerScheduler", "create_scheduler", "log"]
 
 log: logging.Logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _check_private(path: str, st: os.stat_result) -> None:
         )
 
 
-def _resolve_state_dir(state_dir: Optional[str]) -> str:
+def _resolve_state_dir(state_dir: str | None) -> str:
     base = state_dir or os.environ.get(STATE_DIR_ENV)
     if not base:
         xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
@@ -187,7 +187,7 @@ def _resolve_state_dir(state_dir: Optional[str]) -> str:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Loads builtin types and datetimes only, so a crafted file cannot run code."""
 
-    _ALLOWED = {("datetime", "datetime"), ("datetime", "timezone"), ("datetime", "timedelta")}
+    _ALLOWED = frozenset({("datetime", "datetime"), ("datetime", "timezone"), ("datetime", "timedelta")})
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
@@ -206,7 +206,7 @@ def _stamp(st: os.stat_result) -> _Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-def _check_shape(data: Any, session_name: str) -> Dict[str, AppRecord]:
+def _check_shape(data: Any, session_name: str) -> dict[str, AppRecord]:
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
         version = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise _CorruptSession(f"format {version!r}, expected {FORMAT_VERSION}")
@@ -226,21 +226,21 @@ class _SessionStore:
     """
 
     def __init__(
-        self, directory: str, session_name: str, rebuild: Callable[[], Dict[str, AppRecord]]
+        self, directory: str, session_name: str, rebuild: Callable[[], dict[str, AppRecord]]
     ) -> None:
         self.path = os.path.join(directory, f"{session_name}.pickle")
         self._lock_path = os.path.join(directory, f"{session_name}.lock")
         self._session_name = session_name
         self._rebuild = rebuild
-        self._stamp: Optional[_Stamp] = None
-        self._apps: Dict[str, AppRecord] = {}
+        self._stamp: _Stamp | None = None
+        self._apps: dict[str, AppRecord] = {}
         self._held = threading.local()
         self._temp_name = re.compile(re.escape(f".{session_name}.") + r"[a-z0-9_]{8}\.tmp")
 
-    def apps(self) -> Dict[str, AppRecord]:
+    def apps(self) -> dict[str, AppRecord]:
         """The session's apps by id, as of the last write by any process."""
         try:
-            stamp: Optional[_Stamp] = _stamp(os.stat(self.path))
+            stamp: _Stamp | None = _stamp(os.stat(self.path))
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:
@@ -255,25 +255,24 @@ class _SessionStore:
         return self._apps
 
     @contextlib.contextmanager
-    def update(self) -> Iterator[Dict[str, AppRecord]]:
+    def update(self) -> Iterator[dict[str, AppRecord]]:
         """Yields the freshest apps under the lock, and writes them back."""
         with self._locked():
             apps = dict(self.apps())
             yield apps
             self._write(apps)
 
-    def _load(self) -> Tuple[Optional[_Stamp], Dict[str, AppRecord]]:
+    def _load(self) -> tuple[_Stamp | None, dict[str, AppRecord]]:
         try:
-            f = open(self.path, "rb")
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                _check_private(self.path, st)
+                try:
+                    data = _RestrictedUnpickler(f).load()
+                except Exception as e:  # any byte string can come in: each failure means corrupt
+                    raise _CorruptSession(f"{type(e).__name__}: {e}") from e
         except FileNotFoundError:
             return None, {}
-        with f:
-            st = os.fstat(f.fileno())
-            _check_private(self.path, st)
-            try:
-                data = _RestrictedUnpickler(f).load()
-            except Exception as e:  # any byte string can come in: each failure means corrupt
-                raise _CorruptSession(f"{type(e).__name__}: {e}") from e
         return _stamp(st), _check_shape(data, self._session_name)
 
     def _quarantine(self, error: Exception) -> None:
@@ -293,7 +292,7 @@ class _SessionStore:
             apps = {}
         self._write(apps)
 
-    def _write(self, apps: Dict[str, AppRecord]) -> None:
+    def _write(self, apps: dict[str, AppRecord]) -> None:
         data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": apps}
         directory = os.path.dirname(self.path)
         self._remove_stale_temp_files(directory)
@@ -369,45 +368,43 @@ def _harvest_stream(frames: Iterable[bytes], dest: str) -> None:
         raise
 
 
-def _docker_time(dt: datetime) -> bytes:
-    """``dt`` as Docker prints timestamps; naive datetimes are UTC."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+def _as_utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
 
 
-def _epoch(dt: Optional[datetime]) -> Optional[float]:
-    """``dt`` as Docker's API takes it, or None when it filters nothing."""
+def _epoch(dt: datetime | None) -> float | None:
+    """``dt`` as Docker's API takes it (naive datetimes are UTC), or None when it filters nothing."""
     if dt is None:
         return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    seconds = dt.timestamp()
+    seconds = _as_utc(dt).timestamp()
     return seconds if seconds > 0 else None
 
 
+def _docker_time(dt: datetime | None) -> bytes | None:
+    """``dt`` as Docker prints log timestamps, or None when it filters nothing."""
+    if dt is None or _epoch(dt) is None:
+        return None
+    return _as_utc(dt).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+
+
 def _read_harvested(
-    path: str, since: Optional[datetime], until: Optional[datetime]
-) -> Iterator[Tuple[bytes, bytes]]:
-    low = _docker_time(since) if _epoch(since) else None
-    high = _docker_time(until) if _epoch(until) else None
+    path: str, since: datetime | None, until: datetime | None
+) -> Iterator[tuple[bytes, bytes]]:
+    low, high = _docker_time(since), _docker_time(until)
     try:
-        f = open(path, "rb")
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            for raw in f:
+                ts, _, text = raw.partition(b" ")
+                if low is not None and ts < low:
+                    continue
+                if high is not None and ts > high:
+                    break
+                yield ts, text
+    except FileNotFoundError:  # this stream never wrote a line
         return
-    with f:
-        for raw in f:
-            ts, _, text = raw.partition(b" ")
-            if low is not None and ts < low:
-                continue
-            if high is not None and ts > high:
-                break
-            yield ts, text
 
 
-def _harvested_lines(
-    paths: List[str], since: Optional[datetime], until: Optional[datetime]
-) -> Iterator[bytes]:
+def _harvested_lines(paths: list[str], since: datetime | None, until: datetime | None) -> Iterator[bytes]:
     streams = [_read_harvested(p, since, until) for p in paths]
     for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
         yield text
@@ -444,7 +441,7 @@ def _role_record(role: Role) -> AppRecord:
     }
 
 
-def _replica_record(role: str, replica_id: int, name: str, exit_code: Optional[int] = None) -> AppRecord:
+def _replica_record(role: str, replica_id: int, name: str, exit_code: int | None = None) -> AppRecord:
     return {
         "role": role,
         "id": replica_id,
@@ -457,7 +454,7 @@ def _replica_record(role: str, replica_id: int, name: str, exit_code: Optional[i
     }
 
 
-def _new_record(app_id: str, roles: List[AppRecord], replicas: List[AppRecord]) -> AppRecord:
+def _new_record(app_id: str, roles: list[AppRecord], replicas: list[AppRecord]) -> AppRecord:
     return {
         "app_id": app_id,
         "created": time.time(),
@@ -469,7 +466,7 @@ def _new_record(app_id: str, roles: List[AppRecord], replicas: List[AppRecord]) 
     }
 
 
-def _record_from_job(job: DockerJob, app: Optional[AppDef]) -> AppRecord:
+def _record_from_job(job: DockerJob, app: AppDef | None) -> AppRecord:
     replicas = [
         _replica_record(
             str(c.kwargs["labels"][LABEL_ROLE_NAME]),  # type: ignore[index]
@@ -488,9 +485,9 @@ def _record_from_job(job: DockerJob, app: Optional[AppDef]) -> AppRecord:
 
 
 def _roles_from_replicas(
-    replicas: List[AppRecord], commands: Dict[str, Tuple[str, List[str]]]
-) -> List[AppRecord]:
-    roles: Dict[str, AppRecord] = {}
+    replicas: list[AppRecord], commands: dict[str, tuple[str, list[str]]]
+) -> list[AppRecord]:
+    roles: dict[str, AppRecord] = {}
     for rep in replicas:
         image, command = commands.get(rep["name"], ("", []))
         role = roles.setdefault(
@@ -509,16 +506,16 @@ def _roles_from_replicas(
     return list(roles.values())
 
 
-def _container_name(container: Dict[str, Any]) -> str:
+def _container_name(container: dict[str, Any]) -> str:
     return str(container["Names"][0]).lstrip("/")
 
 
-def _listed_exit_code(container: Dict[str, Any]) -> Optional[int]:
+def _listed_exit_code(container: dict[str, Any]) -> int | None:
     match = _EXITED_STATUS.match(container.get("Status") or "")
     return int(match.group(1)) if match else None
 
 
-def _listed_state(container: Dict[str, Any]) -> AppState:
+def _listed_state(container: dict[str, Any]) -> AppState:
     if container["State"] == "exited":
         code = _listed_exit_code(container)
         if code is None:
@@ -527,16 +524,18 @@ def _listed_state(container: Dict[str, Any]) -> AppState:
     return CONTAINER_STATE.get(container["State"], AppState.UNKNOWN)
 
 
-def _records_from_containers(containers: List[Dict[str, Any]]) -> Dict[str, AppRecord]:
+def _records_from_containers(containers: list[dict[str, Any]]) -> dict[str, AppRecord]:
     """Records for apps known only from their containers (none of their exits seen yet)."""
-    by_app: Dict[str, List[Dict[str, Any]]] = {}
+    by_app: dict[str, list[dict[str, Any]]] = {}
     for c in containers:
         by_app.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
     records = {}
     for app_id, group in by_app.items():
         group.sort(key=lambda c: (c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID])))
         replicas = [
-            _replica_record(c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c))
+            _replica_record(
+                c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c)
+            )
             for c in group
         ]
         commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
@@ -553,7 +552,7 @@ def _settled(record: AppRecord) -> bool:
     return all(_is_final(r) for r in record["replicas"])
 
 
-def _replica_state(rep: AppRecord, live: Dict[str, AppState]) -> AppState:
+def _replica_state(rep: AppRecord, live: dict[str, AppState]) -> AppState:
     if rep["exit_code"] is not None:
         return AppState.SUCCEEDED if rep["exit_code"] == 0 else AppState.FAILED
     if rep["lost"]:
@@ -561,7 +560,7 @@ def _replica_state(rep: AppRecord, live: Dict[str, AppState]) -> AppState:
     return live.get(rep["name"], AppState.UNKNOWN)
 
 
-def _app_state(record: AppRecord, states: List[AppState]) -> AppState:
+def _app_state(record: AppRecord, states: list[AppState]) -> AppState:
     if record["state"]:
         return AppState[record["state"]]
     if AppState.FAILED in states:
@@ -572,7 +571,7 @@ def _app_state(record: AppRecord, states: List[AppState]) -> AppState:
     return min(active) if active else AppState.UNKNOWN
 
 
-def _describe_record(record: AppRecord, live: Dict[str, AppState]) -> DescribeAppResponse:
+def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAppResponse:
     roles = [
         Role(
             name=r["name"],
@@ -683,16 +682,14 @@ class PersistentDockerScheduler(DockerScheduler):
             elasticity: false
     """
 
-    def __init__(
-        self, session_name: str, *, state_dir: Optional[str] = None, detach: bool = False
-    ) -> None:
+    def __init__(self, session_name: str, *, state_dir: str | None = None, detach: bool = False) -> None:
         _check_session_name(session_name)
         super().__init__(session_name)
         self.detach = detach
         self.state_dir: str = _resolve_state_dir(state_dir)
         self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
-        self._client: Optional["DockerClient"] = None
-        self._scheduled: List[str] = []
+        self._client: DockerClient | None = None
+        self._scheduled: list[str] = []
         self._closed = False
 
     @property
@@ -701,7 +698,7 @@ class PersistentDockerScheduler(DockerScheduler):
         return self._store.path
 
     @property
-    def _docker_client(self) -> "DockerClient":
+    def _docker_client(self) -> DockerClient:
         if self._client is None:
             try:
                 self._client = docker.from_env()
@@ -718,7 +715,8 @@ class PersistentDockerScheduler(DockerScheduler):
             type_=str,
             default="always",
             help="when to pull each role's image: `always` (as local_docker; falls back to a local copy "
-            "when the pull fails), `missing` (only when Docker lacks it) or `never` (a missing image is an error)",
+            "when the pull fails), `missing` (only when Docker lacks it) or `never` "
+            "(a missing image is an error)",
         )
         opts.add(
             "remove_on_exit",
@@ -730,7 +728,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _submit_dryrun(self, app: AppDef, cfg: DockerOpts) -> AppDryRunInfo[DockerJob]:
         _validate_app(app)
-        policy = cfg.get("image_pull") or "always"  # type: ignore[misc]
+        policy = cfg.get("image_pull") or "always"
         if policy not in IMAGE_PULL_POLICIES:
             raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
         info = super()._submit_dryrun(app, cfg)
@@ -751,7 +749,7 @@ class PersistentDockerScheduler(DockerScheduler):
         the app is recorded FAILED with the reason, and the error is raised.
         """
         job = dryrun_info.request
-        cfg: Dict[str, Any] = dict(getattr(dryrun_info, "_cfg", None) or {})
+        cfg: dict[str, Any] = dict(getattr(dryrun_info, "_cfg", None) or {})
         record = _record_from_job(job, getattr(dryrun_info, "_app", None))
         record["remove_on_exit"] = bool(cfg.get("remove_on_exit", False))
         with _reaching_docker():
@@ -779,7 +777,7 @@ class PersistentDockerScheduler(DockerScheduler):
         self._remove([str(c.kwargs["name"]) for c in job.containers])
         if isinstance(error, requests.exceptions.ConnectionError):
             raise error
-        labels: Dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
+        labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
         reason = (
             f"could not start replica {labels[LABEL_REPLICA_ID]} of role {labels[LABEL_ROLE_NAME]!r} "
             f"from image {container.image!r}: {error}"
@@ -788,7 +786,9 @@ class PersistentDockerScheduler(DockerScheduler):
         for rep in record["replicas"]:
             rep["lost"] = True
         self._save(record)
-        raise RuntimeError(f"{reason}. Removed the app's other containers; it is recorded as FAILED") from error
+        raise RuntimeError(
+            f"{reason}. Removed the app's other containers; it is recorded as FAILED"
+        ) from error
 
     def _prepare_images(self, images: Iterable[str], policy: str) -> None:
         for image in sorted(images):
@@ -802,13 +802,16 @@ class PersistentDockerScheduler(DockerScheduler):
             elif not self._has_image(image):
                 if policy == "never":
                     raise ValueError(
-                        f"image {image!r} is not on this Docker host and image_pull=never forbids pulling it: "
+                        f"image {image!r} is not on this Docker host and image_pull=never forbids "
+                        "pulling it: "
                         f"run `docker pull {image}` first, or use image_pull=missing"
                     )
                 try:
                     self._pull(image)
                 except DockerException as e:
-                    raise RuntimeError(f"image {image!r} is not on this Docker host and pulling it failed: {e}") from e
+                    raise RuntimeError(
+                        f"image {image!r} is not on this Docker host and pulling it failed: {e}"
+                    ) from e
 
     def _has_image(self, image: str) -> bool:
         try:
@@ -820,7 +823,7 @@ class PersistentDockerScheduler(DockerScheduler):
     def _pull(self, image: str) -> None:
         """Pulls ``image``, logging progress at most every few seconds."""
         log.info("pulling image %s", image)
-        layers: Dict[str, Tuple[int, int]] = {}
+        layers: dict[str, tuple[int, int]] = {}
         done: set[str] = set()
         last = time.monotonic()
         for event in self._docker_client.api.pull(image, stream=True, decode=True):
@@ -840,7 +843,11 @@ class PersistentDockerScheduler(DockerScheduler):
                 total = sum(t for _, t in layers.values())
                 log.info(
                     "pulling %s: %d/%d layers done, %.1f/%.1f MB",
-                    image, len(done), len(layers), have / 1e6, total / 1e6,
+                    image,
+                    len(done),
+                    len(layers),
+                    have / 1e6,
+                    total / 1e6,
                 )
         log.info("pulled image %s", image)
 
@@ -850,19 +857,19 @@ class PersistentDockerScheduler(DockerScheduler):
         with self._store.update() as apps:
             apps[record["app_id"]] = record
 
-    def _rebuild_from_docker(self) -> Dict[str, AppRecord]:
+    def _rebuild_from_docker(self) -> dict[str, AppRecord]:
         return _records_from_containers(self._containers(LABEL_SESSION, self.session_name))
 
-    def _containers(self, label: str, value: str) -> List[Dict[str, Any]]:
+    def _containers(self, label: str, value: str) -> builtins.list[dict[str, Any]]:
         with _reaching_docker():
-            found: List[Dict[str, Any]] = self._docker_client.api.containers(
+            found: list[dict[str, Any]] = self._docker_client.api.containers(
                 all=True, filters={"label": f"{label}={value}"}
             )
         return found
 
     def _observe(
-        self, record: AppRecord, containers: Optional[List[Dict[str, Any]]] = None
-    ) -> Tuple[AppRecord, Dict[str, AppState]]:
+        self, record: AppRecord, containers: builtins.list[dict[str, Any]] | None = None
+    ) -> tuple[AppRecord, dict[str, AppState]]:
         """Looks at an unfinished app's containers with one Docker request.
 
         Replicas that ended get their exit code and logs harvested and recorded;
@@ -872,8 +879,8 @@ class PersistentDockerScheduler(DockerScheduler):
         if containers is None:
             containers = self._containers(LABEL_APP_ID, record["app_id"])
         by_name = {_container_name(c): c for c in containers}
-        live: Dict[str, AppState] = {}
-        ended: Dict[str, AppRecord] = {}
+        live: dict[str, AppState] = {}
+        ended: dict[str, AppRecord] = {}
         for rep in record["replicas"]:
             if _is_final(rep):
                 continue
@@ -907,8 +914,12 @@ class PersistentDockerScheduler(DockerScheduler):
         try:
             for stream in ("stdout", "stderr"):
                 frames = api.logs(
-                    rep["name"], stdout=stream == "stdout", stderr=stream == "stderr",
-                    timestamps=True, stream=True, follow=False,
+                    rep["name"],
+                    stdout=stream == "stdout",
+                    stderr=stream == "stderr",
+                    timestamps=True,
+                    stream=True,
+                    follow=False,
                 )
                 _harvest_stream(frames, _log_file(log_dir, rep, stream))
             end["logs"] = True
@@ -921,7 +932,7 @@ class PersistentDockerScheduler(DockerScheduler):
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    def _record_ends(self, app_id: str, ended: Dict[str, AppRecord]) -> AppRecord:
+    def _record_ends(self, app_id: str, ended: dict[str, AppRecord]) -> AppRecord:
         with self._store.update() as apps:
             record = copy.deepcopy(apps[app_id])
             for rep in record["replicas"]:
@@ -932,7 +943,7 @@ class PersistentDockerScheduler(DockerScheduler):
             self._remove([r["name"] for r in record["replicas"] if r["name"] in ended and r["logs"]])
         return record
 
-    def _remove(self, names: List[str]) -> None:
+    def _remove(self, names: builtins.list[str]) -> None:
         api = self._docker_client.api
         for name in names:
             with contextlib.suppress(NotFound):
@@ -940,7 +951,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     # -- query ------------------------------------------------------------
 
-    def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
+    def describe(self, app_id: str) -> DescribeAppResponse | None:
         """Describes ``app_id`` from the session file, asking Docker only while it runs.
 
         Returns ``None`` when neither the session file nor Docker knows the app.
@@ -952,12 +963,12 @@ class PersistentDockerScheduler(DockerScheduler):
                 return None
             record = _records_from_containers(containers)[app_id]
             return _describe_record(record, {_container_name(c): _listed_state(c) for c in containers})
-        live: Dict[str, AppState] = {}
+        live: dict[str, AppState] = {}
         if record["state"] is None and not _settled(record):
             record, live = self._observe(record)
         return _describe_record(record, live)
 
-    def list(self) -> List[ListAppResponse]:
+    def list(self) -> builtins.list[ListAppResponse]:
         """This session's apps with their states, oldest first.
 
         Containers labelled with this session that the session file lacks are
@@ -965,16 +976,16 @@ class PersistentDockerScheduler(DockerScheduler):
         """
         apps = self._store.apps()
         try:
-            containers: Optional[List[Dict[str, Any]]] = self._containers(LABEL_SESSION, self.session_name)
+            containers: list[dict[str, Any]] | None = self._containers(LABEL_SESSION, self.session_name)
         except DockerUnavailableError as e:
             log.warning("listing from the session file only: %s", e)
             containers = None
-        by_app: Dict[str, List[Dict[str, Any]]] = {}
+        by_app: dict[str, list[dict[str, Any]]] = {}
         for c in containers or []:
             by_app.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
         found = []
         for app_id, record in sorted(apps.items(), key=lambda item: item[1].get("created", 0)):
-            live: Dict[str, AppState] = {}
+            live: dict[str, AppState] = {}
             if containers is not None and not _settled(record):
                 record, live = self._observe(record, by_app.get(app_id, []))
             found.append(ListAppResponse(app_id=app_id, state=_describe_record(record, live).state))
@@ -989,11 +1000,11 @@ class PersistentDockerScheduler(DockerScheduler):
         app_id: str,
         role_name: str,
         k: int = 0,
-        regex: Optional[str] = None,
-        since: Optional[datetime] = None,
-        until: Optional[datetime] = None,
+        regex: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         should_tail: bool = False,
-        streams: Optional[Stream] = None,
+        streams: Stream | None = None,
     ) -> Iterable[str]:
         """Lines of one replica's log, each ending in a newline (but maybe the last).
 
@@ -1028,29 +1039,46 @@ class PersistentDockerScheduler(DockerScheduler):
             raise ValueError(f"app {app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
         for rep in record["replicas"]:
             if rep["role"] == role_name and rep["id"] == k:
-                return rep
+                found: AppRecord = rep
+                return found
         raise ValueError(
             f"role {role_name!r} of app {app_id!r} has no replica {k}; "
             f"valid replica indices are 0 to {roles[role_name] - 1}"
         )
 
     def _harvested(
-        self, app_id: str, rep: AppRecord, stdout: bool, stderr: bool,
-        since: Optional[datetime], until: Optional[datetime],
+        self,
+        app_id: str,
+        rep: AppRecord,
+        stdout: bool,
+        stderr: bool,
+        since: datetime | None,
+        until: datetime | None,
     ) -> Iterator[bytes]:
         log_dir = os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
         paths = [_log_file(log_dir, rep, s) for s, on in (("stdout", stdout), ("stderr", stderr)) if on]
         return _harvested_lines(paths, since, until)
 
     def _live(
-        self, app_id: str, rep: AppRecord, stdout: bool, stderr: bool,
-        since: Optional[datetime], until: Optional[datetime], should_tail: bool,
+        self,
+        app_id: str,
+        rep: AppRecord,
+        stdout: bool,
+        stderr: bool,
+        since: datetime | None,
+        until: datetime | None,
+        should_tail: bool,
     ) -> Iterator[bytes]:
         try:
             with _reaching_docker():
                 chunks = self._docker_client.api.logs(
-                    rep["name"], stdout=stdout, stderr=stderr, stream=True,
-                    follow=should_tail, since=_epoch(since), until=_epoch(until),
+                    rep["name"],
+                    stdout=stdout,
+                    stderr=stderr,
+                    stream=True,
+                    follow=should_tail,
+                    since=_epoch(since),
+                    until=_epoch(until),
                 )
         except NotFound:
             # The container went away: maybe another process harvested it first.
@@ -1060,7 +1088,9 @@ class PersistentDockerScheduler(DockerScheduler):
                 fresh = next(r for r in record["replicas"] if r["name"] == rep["name"])
                 if fresh["logs"]:
                     return self._harvested(app_id, fresh, stdout, stderr, since, until)
-            log.warning("the logs of %s are lost: its container was removed before they were read", rep["name"])
+            log.warning(
+                "the logs of %s are lost: its container was removed before they were read", rep["name"]
+            )
             return iter(())
         return _whole_lines(chunks)
 
@@ -1072,7 +1102,9 @@ class PersistentDockerScheduler(DockerScheduler):
         An app that already ended keeps its state; an unknown app id is logged and ignored.
         """
         if not self.exists(app_id):
-            log.warning("cancel: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name)
+            log.warning(
+                "cancel: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
+            )
             return
         self._cancel_existing(app_id)
 
@@ -1098,7 +1130,7 @@ class PersistentDockerScheduler(DockerScheduler):
     def _records_for(self, app_id: str) -> AppRecord:
         return _records_from_containers(self._containers(LABEL_APP_ID, app_id))[app_id]
 
-    def _stop(self, names: List[str]) -> None:
+    def _stop(self, names: builtins.list[str]) -> None:
         api = self._docker_client.api
 
         def stop(name: str) -> None:
@@ -1138,7 +1170,9 @@ class PersistentDockerScheduler(DockerScheduler):
         if not _settled(record):
             self._cancel_existing(app_id)
             record = self._store.apps()[app_id]
-        done = [r["name"] for r in record["replicas"] if r["lost"] or (r["exit_code"] is not None and r["logs"])]
+        done = [
+            r["name"] for r in record["replicas"] if r["lost"] or (r["exit_code"] is not None and r["logs"])
+        ]
         kept = [r["name"] for r in record["replicas"] if r["name"] not in done]
         if kept:
             log.warning("close: keeping containers %s: their logs could not be recorded", kept)
@@ -1151,7 +1185,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
 
 def create_scheduler(
-    session_name: str, state_dir: Optional[str] = None, detach: bool = True, **kwargs: Any
+    session_name: str, state_dir: str | None = None, detach: bool = True, **kwargs: Any
 ) -> PersistentDockerScheduler:
     """The torchx scheduler factory (entry point ``local_docker_persistent``).
 

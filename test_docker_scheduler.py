@@ -9,6 +9,7 @@ container they create, by label. With no daemon they skip, unless CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
@@ -16,18 +17,21 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tarfile
 import textwrap
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Iterator
 
 import docker
 import pytest
@@ -47,7 +51,7 @@ from docker_scheduler import (
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 IMAGE = "busybox:latest"
 # Tests use the local image; `always` would ask a registry first.
-CFG: Dict[str, Any] = {"image_pull": "missing"}
+CFG: dict[str, Any] = {"image_pull": "missing"}
 # Runs until stopped, and stops at once on SIGTERM (PID 1 ignores it by default).
 LONG = "trap 'exit 143' TERM; sleep 300 & wait"
 TERMINAL = (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED)
@@ -59,7 +63,7 @@ ROOT = Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------
 
 
-def _static_busybox() -> Optional[Path]:
+def _static_busybox() -> Path | None:
     for candidate in ("/bin/busybox", shutil.which("busybox")):
         if candidate and os.path.isfile(candidate):
             data = Path(candidate).read_bytes()
@@ -68,7 +72,7 @@ def _static_busybox() -> Optional[Path]:
     return None
 
 
-def provision_busybox(client: "docker.DockerClient") -> str:
+def provision_busybox(client: docker.DockerClient) -> str:
     """Makes ``busybox:latest`` available: present, else pulled, else built from the host's static busybox."""
     try:
         client.images.get(IMAGE)
@@ -82,7 +86,9 @@ def provision_busybox(client: "docker.DockerClient") -> str:
         logging.info("pulling busybox failed (%s); building it from a static busybox", e)
     binary = _static_busybox()
     if binary is None:
-        raise RuntimeError("no busybox image, no registry and no static busybox: apt-get install busybox-static")
+        raise RuntimeError(
+            "no busybox image, no registry and no static busybox: apt-get install busybox-static"
+        )
     dockerfile = b'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
@@ -96,7 +102,7 @@ def provision_busybox(client: "docker.DockerClient") -> str:
 
 
 @pytest.fixture(scope="session")
-def client() -> Iterator["docker.DockerClient"]:
+def client() -> Iterator[docker.DockerClient]:
     try:
         c = docker.from_env()
         c.ping()
@@ -109,7 +115,7 @@ def client() -> Iterator["docker.DockerClient"]:
 
 
 @pytest.fixture(scope="session")
-def image(client: "docker.DockerClient") -> str:
+def image(client: docker.DockerClient) -> str:
     return provision_busybox(client)
 
 
@@ -119,12 +125,14 @@ def state_dir(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make(client: "docker.DockerClient", image: str, state_dir: str) -> Iterator[Callable[..., PersistentDockerScheduler]]:
+def make(
+    client: docker.DockerClient, image: str, state_dir: str
+) -> Iterator[Callable[..., PersistentDockerScheduler]]:
     """Builds schedulers on fresh sessions; afterwards removes every container of those sessions."""
-    sessions: List[str] = []
-    made: List[PersistentDockerScheduler] = []
+    sessions: list[str] = []
+    made: list[PersistentDockerScheduler] = []
 
-    def make(session: Optional[str] = None, **kwargs: Any) -> PersistentDockerScheduler:
+    def make(session: str | None = None, **kwargs: Any) -> PersistentDockerScheduler:
         name = session or f"test-{uuid.uuid4().hex[:10]}"
         kwargs.setdefault("state_dir", state_dir)
         scheduler = PersistentDockerScheduler(name, **kwargs)
@@ -139,7 +147,7 @@ def make(client: "docker.DockerClient", image: str, state_dir: str) -> Iterator[
         scheduler.close()
 
 
-def remove_session_containers(client: "docker.DockerClient", session: str) -> None:
+def remove_session_containers(client: docker.DockerClient, session: str) -> None:
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
         c.remove(force=True)
 
@@ -164,21 +172,23 @@ def wait_for(scheduler: PersistentDockerScheduler, app_id: str, states: Any = TE
         if desc is not None and desc.state in states and settled:
             return desc
         if time.monotonic() > deadline:
-            raise AssertionError(f"{app_id} is {desc.state if desc else None}, not in {states}, after {timeout}s")
+            raise AssertionError(
+                f"{app_id} is {desc.state if desc else None}, not in {states}, after {timeout}s"
+            )
         time.sleep(0.2)
 
 
-def container_names(client: "docker.DockerClient", app_id: str) -> List[str]:
+def container_names(client: docker.DockerClient, app_id: str) -> list[str]:
     found = client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
     return sorted(c.name for c in found)
 
 
-def wait_exited(client: "docker.DockerClient", app_id: str) -> None:
+def wait_exited(client: docker.DockerClient, app_id: str) -> None:
     for name in container_names(client, app_id):
         client.api.wait(name, timeout=60)
 
 
-def run_python(code: str, state_dir: str, env: Optional[Dict[str, str]] = None) -> Any:
+def run_python(code: str, state_dir: str, env: dict[str, str] | None = None) -> Any:
     """Runs ``code`` in a new interpreter and returns what it printed as JSON."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -227,7 +237,9 @@ def _builtin_only(value: Any) -> bool:
     return value is None or type(value) in (str, int, float, bool, bytes, datetime)
 
 
-def test_session_file_holds_builtins_with_private_modes(make: Callable[..., PersistentDockerScheduler]) -> None:
+def test_session_file_holds_builtins_with_private_modes(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", "echo out; echo err >&2"))
     wait_for(scheduler, app_id)
@@ -258,7 +270,7 @@ def test_restricted_unpickler_refuses_a_crafted_pickle(
 ) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"format": 1, "session": "x", "apps": {"a": _RunsCode(str(marker))}})
-    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+    with pytest.raises(pickle.UnpicklingError, match=r"posix\.system|os\.system"):
         docker_scheduler._RestrictedUnpickler(io.BytesIO(payload)).load()
     scheduler = make()
     Path(scheduler.session_file).write_bytes(payload)
@@ -290,25 +302,41 @@ def test_multi_role_mixed_states_fail_and_keep_roles_as_submitted(
     desc = wait_for(scheduler, app_id)
     assert desc.state == AppState.FAILED
     states = {(s.role, r.id): r.state for s in desc.roles_statuses for r in s.replicas}
-    assert states == {("good", 0): AppState.SUCCEEDED, ("good", 1): AppState.SUCCEEDED, ("bad", 0): AppState.FAILED}
+    assert states == {
+        ("good", 0): AppState.SUCCEEDED,
+        ("good", 1): AppState.SUCCEEDED,
+        ("bad", 0): AppState.FAILED,
+    }
     roles = {r.name: r for r in desc.roles}
-    assert (roles["good"].image, roles["good"].entrypoint, roles["good"].args) == (IMAGE, "sh", ["-c", "echo $GREETING"])
+    assert (roles["good"].image, roles["good"].entrypoint, roles["good"].args) == (
+        IMAGE,
+        "sh",
+        ["-c", "echo $GREETING"],
+    )
     assert roles["good"].env == {"GREETING": "hi"} and roles["good"].num_replicas == 2
     assert roles["bad"].num_replicas == 1
     assert "bad/0 exited with code 3" in desc.msg
 
 
-def test_multi_replica_succeeds_only_when_every_replica_does(make: Callable[..., PersistentDockerScheduler]) -> None:
+def test_multi_replica_succeeds_only_when_every_replica_does(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
     scheduler = make()
     ok = submit(scheduler, role("w", "exit 0", replicas=3))
     one_bad = submit(scheduler, role("w", '[ "$(hostname)" != "${HOSTNAME%-1}-1" ]', replicas=3))
     assert wait_for(scheduler, ok).state == AppState.SUCCEEDED
     desc = wait_for(scheduler, one_bad)
     assert desc.state == AppState.FAILED
-    assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.SUCCEEDED, AppState.FAILED, AppState.SUCCEEDED]
+    assert [r.state for r in desc.roles_statuses[0].replicas] == [
+        AppState.SUCCEEDED,
+        AppState.FAILED,
+        AppState.SUCCEEDED,
+    ]
 
 
-def test_running_app_reads_running_until_every_replica_ends(make: Callable[..., PersistentDockerScheduler]) -> None:
+def test_running_app_reads_running_until_every_replica_ends(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("quick", "exit 0"), role("slow", LONG))
     deadline = time.monotonic() + 30
@@ -333,13 +361,13 @@ def test_running_app_reads_running_until_every_replica_ends(make: Callable[..., 
         ([], AppState.UNKNOWN),
     ],
 )
-def test_app_state_rules(states: List[AppState], expected: AppState) -> None:
+def test_app_state_rules(states: list[AppState], expected: AppState) -> None:
     assert docker_scheduler._app_state({"state": None}, states) == expected
     assert docker_scheduler._app_state({"state": "CANCELLED"}, states) == AppState.CANCELLED
 
 
 def test_exit_code_and_logs_survive_container_removal(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", "echo bye; exit 7"))
@@ -353,7 +381,7 @@ def test_exit_code_and_logs_survive_container_removal(
 
 
 def test_container_removed_before_exit_reads_unknown(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", LONG))
@@ -388,10 +416,13 @@ def test_recorded_app_is_served_without_docker(make: Callable[..., PersistentDoc
 # Scheduler: logs
 # ---------------------------------------------------------------------------
 
-SCRIPT = "echo o1; sleep 0.3; echo e1 >&2; sleep 1.2; echo o2; sleep 0.3; echo e2 >&2; sleep 1.2; echo o3; printf partial"
+SCRIPT = (
+    "echo o1; sleep 0.3; echo e1 >&2; sleep 1.2; echo o2; sleep 0.3; echo e2 >&2; sleep 1.2; "
+    "echo o3; printf partial"
+)
 
 
-def _docker_times(client: "docker.DockerClient", name: str) -> Dict[str, datetime]:
+def _docker_times(client: docker.DockerClient, name: str) -> dict[str, datetime]:
     times = {}
     for line in client.api.logs(name, timestamps=True).decode().splitlines():
         ts, _, text = line.partition(" ")
@@ -399,7 +430,7 @@ def _docker_times(client: "docker.DockerClient", name: str) -> Dict[str, datetim
     return times
 
 
-def _all_params(times: Dict[str, datetime]) -> Dict[str, Dict[str, Any]]:
+def _all_params(times: dict[str, datetime]) -> dict[str, dict[str, Any]]:
     mid1 = times["e1"] + (times["o2"] - times["e1"]) / 2
     mid2 = times["e2"] + (times["o3"] - times["e2"]) / 2
     return {
@@ -433,7 +464,7 @@ EXPECTED = {
 
 
 def test_every_log_parameter_reads_the_same_before_and_after_removal(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", SCRIPT))
@@ -450,7 +481,7 @@ def test_every_log_parameter_reads_the_same_before_and_after_removal(
 
 
 def test_long_lines_survive_harvest_whole(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", "head -c 40000 /dev/zero | tr '\\0' x; echo; echo next"))
@@ -463,7 +494,9 @@ def test_long_lines_survive_harvest_whole(
     assert list(scheduler.log_iter(app_id, "r")) == live
 
 
-def test_tail_follows_a_running_replica_until_it_exits(make: Callable[..., PersistentDockerScheduler]) -> None:
+def test_tail_follows_a_running_replica_until_it_exits(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", "for i in 1 2 3; do echo line$i; sleep 0.5; done"))
     assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == ["line1\n", "line2\n", "line3\n"]
@@ -486,7 +519,9 @@ def test_log_iter_names_the_valid_roles_and_replicas(make: Callable[..., Persist
 # ---------------------------------------------------------------------------
 
 
-def test_a_second_process_reads_what_the_first_recorded(make: Callable[..., PersistentDockerScheduler]) -> None:
+def test_a_second_process_reads_what_the_first_recorded(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", "echo from-first; exit 4", replicas=2))
     wait_for(scheduler, app_id)
@@ -497,21 +532,26 @@ def test_a_second_process_reads_what_the_first_recorded(make: Callable[..., Pers
         s = PersistentDockerScheduler({scheduler.session_name!r})
         d = s.describe({app_id!r})
         states = [r.state.name for r in d.roles_statuses[0].replicas]
-        print(json.dumps([d.state.name, states, list(s.log_iter({app_id!r}, "r", 1)), [a.app_id for a in s.list()]]))
+        logs = list(s.log_iter({app_id!r}, "r", 1))
+        print(json.dumps([d.state.name, states, logs, [a.app_id for a in s.list()]]))
         """,
         scheduler.state_dir,
     )
     assert seen == ["FAILED", ["FAILED", "FAILED"], ["from-first\n"], [app_id]]
 
 
-def test_cancel_is_seen_by_every_process(make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient") -> None:
+def test_cancel_is_seen_by_every_process(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", LONG, replicas=2))
     wait_for(scheduler, app_id, (AppState.RUNNING,))
     scheduler.cancel(app_id)
     assert scheduler.describe(app_id).state == AppState.CANCELLED
-    assert all(not c.attrs["State"]["Running"] for c in client.containers.list(
-        all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}))
+    assert all(
+        not c.attrs["State"]["Running"]
+        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
+    )
     seen = run_python(
         f"""
         import json
@@ -552,7 +592,7 @@ def test_list_shows_this_session_only(make: Callable[..., PersistentDockerSchedu
 
 
 def test_close_stops_harvests_and_removes_this_instances_containers(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     running = submit(scheduler, role("r", "echo started; " + LONG))
@@ -574,7 +614,7 @@ def test_close_stops_harvests_and_removes_this_instances_containers(
 
 
 def test_detached_close_leaves_apps_running(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make(detach=True)
     app_id = submit(scheduler, role("r", LONG))
@@ -585,7 +625,7 @@ def test_detached_close_leaves_apps_running(
 
 
 def test_garbage_collection_and_interpreter_exit_never_stop_apps(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient", state_dir: str
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, state_dir: str
 ) -> None:
     session = make().session_name
     app_id = run_python(
@@ -594,7 +634,8 @@ def test_garbage_collection_and_interpreter_exit_never_stop_apps(
         from torchx import specs
         from docker_scheduler import PersistentDockerScheduler
         s = PersistentDockerScheduler({session!r})
-        app = specs.AppDef("gc", roles=[specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", {LONG!r}])])
+        role = specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", {LONG!r}])
+        app = specs.AppDef("gc", roles=[role])
         app_id = s.submit(app, {{"image_pull": "missing"}})
         del s
         gc.collect()
@@ -633,19 +674,31 @@ def test_entry_points_keep_torchx_builtins() -> None:
     assert {"local_docker", "local_cwd", "kubernetes", "slurm", "local_docker_persistent"} <= set(factories)
 
 
-def _torchx(*args: str, cwd: Path, env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def _torchx(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("torchx")
-    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def test_cli_run_status_log_list_cancel(client: "docker.DockerClient", image: str, tmp_path: Path) -> None:
+def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
-    handles: List[str] = []
+    handles: list[str] = []
     try:
-        run = _torchx("run", "-s", "local_docker_persistent", "utils.echo", "--image", "busybox", "--msg", "hello",
-                      cwd=work, env=env)
+        run = _torchx(
+            "run",
+            "-s",
+            "local_docker_persistent",
+            "utils.echo",
+            "--image",
+            "busybox",
+            "--msg",
+            "hello",
+            cwd=work,
+            env=env,
+        )
         assert run.returncode == 0, run.stderr
         handle = run.stdout.strip().splitlines()[-1]
         handles.append(handle)
@@ -661,9 +714,25 @@ def test_cli_run_status_log_list_cancel(client: "docker.DockerClient", image: st
         # The CLI waits on local_* schedulers; interrupting it must leave the app running.
         exe = Path(sys.executable).with_name("torchx")
         waiting = subprocess.Popen(
-            [str(exe), "run", "--workspace", "", "-s", "local_docker_persistent", "utils.sh",
-             "--image", "busybox", "sh", "-c", LONG],
-            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                str(exe),
+                "run",
+                "--workspace",
+                "",
+                "-s",
+                "local_docker_persistent",
+                "utils.sh",
+                "--image",
+                "busybox",
+                "sh",
+                "-c",
+                LONG,
+            ],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert waiting.stdout is not None
         long_handle = waiting.stdout.readline().strip()
@@ -683,7 +752,9 @@ def test_cli_run_status_log_list_cancel(client: "docker.DockerClient", image: st
         built = set()
         for handle in handles:
             app_id = handle.rsplit("/", 1)[-1]
-            for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
+            for c in client.containers.list(
+                all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}
+            ):
                 if c.attrs["Config"]["Image"].startswith("sha256:"):
                     built.add(c.attrs["Config"]["Image"])
                 c.remove(force=True)
@@ -707,12 +778,20 @@ for _ in range(count):
 """
 
 
-def test_concurrent_writers_lose_no_app(make: Callable[..., PersistentDockerScheduler], state_dir: str) -> None:
+def test_concurrent_writers_lose_no_app(
+    make: Callable[..., PersistentDockerScheduler], state_dir: str
+) -> None:
     session = make().session_name
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir}
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, session, "10"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, session, "10"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(8)
     ]
     scheduled = []
@@ -739,10 +818,16 @@ def test_sigkill_while_scheduling_never_corrupts_the_file(
 ) -> None:
     session = make().session_name
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir}
-    returned: List[str] = []
+    returned: list[str] = []
     for delay in [0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6]:
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, session, "1000"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, session, "1000"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         time.sleep(1.2 + delay)  # interpreter start-up, then a varied point inside the loop
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
@@ -756,7 +841,7 @@ def test_sigkill_while_scheduling_never_corrupts_the_file(
     assert not [p for p in Path(state_dir).iterdir() if p.name.endswith(".tmp")]
 
 
-CORRUPTIONS: Dict[str, bytes] = {
+CORRUPTIONS: dict[str, bytes] = {
     "empty": b"",
     "truncated": pickle.dumps({"format": 1, "session": "x", "apps": {"a": {"replicas": []}}})[:20],
     "random": bytes(range(256)) * 4,
@@ -767,7 +852,9 @@ CORRUPTIONS: Dict[str, bytes] = {
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_corrupt_session_file_is_moved_aside_and_rebuilt_from_containers(
-    kind: str, make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient",
+    kind: str,
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     scheduler = make(detach=True)
@@ -791,8 +878,12 @@ def test_corrupt_session_file_is_moved_aside_and_rebuilt_from_containers(
     assert {a.app_id for a in fresh.list()} == {running, finished}
 
 
-@pytest.mark.parametrize("what", ["file_group_writable", "file_other_owner", "dir_world_writable", "dir_other_owner"])
-def test_state_others_could_write_is_refused(what: str, make: Callable[..., PersistentDockerScheduler]) -> None:
+@pytest.mark.parametrize(
+    "what", ["file_group_writable", "file_other_owner", "dir_world_writable", "dir_other_owner"]
+)
+def test_state_others_could_write_is_refused(
+    what: str, make: Callable[..., PersistentDockerScheduler]
+) -> None:
     if os.getuid() != 0 and what.endswith("owner"):
         pytest.skip("changing a file's owner needs root")
     scheduler = make()
@@ -850,7 +941,7 @@ def test_docker_unreachable_fails_clearly_and_records_stay_readable(
 
 
 def test_container_killed_behind_the_schedulers_back_reads_failed(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", LONG))
@@ -867,7 +958,7 @@ def test_container_killed_behind_the_schedulers_back_reads_failed(
     "(.ci/run does when it starts it)",
 )
 def test_daemon_restart_mid_run_never_reads_succeeded(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", LONG, replicas=2))
@@ -896,11 +987,14 @@ def test_daemon_restart_mid_run_never_reads_succeeded(
 
 
 def test_partial_schedule_removes_started_containers_and_records_failed(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     missing = "sha256:" + "0" * 64  # skips the pull: the failure is Docker's create
-    app = specs.AppDef("partial", roles=[role("ok", LONG, replicas=3), specs.Role("broken", image=missing, entrypoint="true")])
+    app = specs.AppDef(
+        "partial",
+        roles=[role("ok", LONG, replicas=3), specs.Role("broken", image=missing, entrypoint="true")],
+    )
     with pytest.raises(RuntimeError) as raised:
         scheduler.submit(app, CFG)
     assert missing in str(raised.value) and "'broken'" in str(raised.value)
@@ -915,19 +1009,33 @@ def test_partial_schedule_removes_started_containers_and_records_failed(
     [
         (specs.AppDef("none", roles=[]), "has no roles"),
         (specs.AppDef("a", roles=[specs.Role("r", image="", entrypoint="true")]), "empty image"),
-        (specs.AppDef("a", roles=[specs.Role("r", image=IMAGE, entrypoint="true", num_replicas=0)]), "num_replicas=0"),
-        (specs.AppDef("a", roles=[specs.Role("bad name!", image=IMAGE, entrypoint="true")]), "cannot be part of a Docker container name"),
-        (specs.AppDef("a", roles=[specs.Role("r", image=IMAGE, entrypoint="true")] * 2), "repeats another role"),
+        (
+            specs.AppDef("a", roles=[specs.Role("r", image=IMAGE, entrypoint="true", num_replicas=0)]),
+            "num_replicas=0",
+        ),
+        (
+            specs.AppDef("a", roles=[specs.Role("bad name!", image=IMAGE, entrypoint="true")]),
+            "cannot be part of a Docker container name",
+        ),
+        (
+            specs.AppDef("a", roles=[specs.Role("r", image=IMAGE, entrypoint="true")] * 2),
+            "repeats another role",
+        ),
         (specs.AppDef("sp ace", roles=[specs.Role("r", image=IMAGE, entrypoint="true")]), "Docker refuses"),
     ],
 )
 def test_bad_input_is_a_value_error_before_anything_is_created(
-    app: specs.AppDef, message: str, make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    app: specs.AppDef,
+    message: str,
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
 ) -> None:
     scheduler = make()
     with pytest.raises(ValueError, match=message):
         scheduler.submit(app, CFG)
-    assert client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
+    assert (
+        client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
+    )
     assert not os.path.exists(scheduler.session_file)
 
 
@@ -955,7 +1063,7 @@ def test_a_thousand_apps_load_describe_and_list(make: Callable[..., PersistentDo
 
 
 def test_retries_show_restarts_and_fail_only_after_the_last(
-    make: Callable[..., PersistentDockerScheduler], client: "docker.DockerClient"
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", "echo try; sleep 0.5; exit 1", max_retries=2))
@@ -973,3 +1081,174 @@ def test_retries_show_restarts_and_fail_only_after_the_last(
     (name,) = container_names(client, app_id)
     assert client.api.inspect_container(name)["RestartCount"] == 2
     assert list(scheduler.log_iter(app_id, "r")) == ["try\n"] * 3
+
+
+# ---------------------------------------------------------------------------
+# Image pulls (against a real registry on loopback) and the Docker footprint
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def registry(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real registry (Debian's docker-registry) on 127.0.0.1, which Docker trusts without TLS."""
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        if CI:
+            pytest.fail("CI=true and docker-registry is missing: apt-get install docker-registry")
+        pytest.skip("docker-registry is not installed: apt-get install docker-registry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path_factory.mktemp("registry")
+    config = root / "config.yml"
+    config.write_text(
+        f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    with open(root / "registry.log", "wb") as out:
+        proc = subprocess.Popen([exe, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, (root / "registry.log").read_text()
+                assert time.monotonic() < deadline, "the registry never answered"
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def push(client: docker.DockerClient, source: str, ref: str) -> None:
+    """Pushes ``source`` as ``ref`` and drops the local ``ref`` tag again."""
+    client.images.get(source).tag(ref)
+    for event in client.api.push(ref, stream=True, decode=True):
+        assert "error" not in event, event
+    client.images.remove(ref)
+
+
+@pytest.fixture
+def pushed(client: docker.DockerClient, registry: str) -> Iterator[str]:
+    """A busybox only the registry holds, under a fresh name."""
+    ref = f"{registry}/busybox:{uuid.uuid4().hex[:10]}"
+    push(client, IMAGE, ref)
+    yield ref
+    with contextlib.suppress(NotFound):
+        client.images.remove(ref)
+
+
+def test_image_pull_never_refuses_a_missing_image(
+    make: Callable[..., PersistentDockerScheduler], pushed: str, client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    app = specs.AppDef("never", roles=[specs.Role("r", image=pushed, entrypoint="true")])
+    with pytest.raises(ValueError, match=f"image '{re.escape(pushed)}' is not on this Docker host"):
+        scheduler.submit(app, {"image_pull": "never"})
+    with pytest.raises(ValueError, match="image_pull='sometimes' is not one of always, missing, never"):
+        scheduler.submit(app, {"image_pull": "sometimes"})
+    assert container_names(client, "never") == [] and not os.path.exists(scheduler.session_file)
+
+
+def test_image_pull_missing_pulls_only_what_docker_lacks(
+    make: Callable[..., PersistentDockerScheduler], pushed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    scheduler = make()
+    app = specs.AppDef("missing", roles=[specs.Role("r", image=pushed, entrypoint="echo", args=["pulled"])])
+    with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+        first = scheduler.submit(app, {"image_pull": "missing"})
+    assert f"pulled image {pushed}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+        second = scheduler.submit(app, {"image_pull": "missing"})
+    assert "pulling" not in caplog.text
+    assert wait_for(scheduler, first).state == wait_for(scheduler, second).state == AppState.SUCCEEDED
+    assert list(scheduler.log_iter(second, "r")) == ["pulled\n"]
+
+
+def test_image_pull_always_pulls_and_falls_back_to_a_local_copy(
+    make: Callable[..., PersistentDockerScheduler],
+    pushed: str,
+    registry: str,
+    client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+        pulled = submit(scheduler, specs.Role("r", image=pushed, entrypoint="true"), image_pull="always")
+    assert f"pulled image {pushed}" in caplog.text
+    local_only = f"{registry}/busybox:local-only-{uuid.uuid4().hex[:8]}"
+    client.images.get(IMAGE).tag(local_only)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+            fallback = submit(
+                scheduler, specs.Role("r", image=local_only, entrypoint="true"), image_pull="always"
+            )
+        assert f"failed to pull image {local_only}, falling back to the local copy" in caplog.text
+        assert wait_for(scheduler, pulled).state == wait_for(scheduler, fallback).state == AppState.SUCCEEDED
+    finally:
+        client.images.remove(local_only)
+
+
+@pytest.fixture
+def big_pushed(client: docker.DockerClient, registry: str) -> Iterator[str]:
+    """An image with a 30 MB layer of its own, held only by the registry."""
+    tag = f"{registry}/big:{uuid.uuid4().hex[:10]}"
+    dockerfile = f"FROM {IMAGE}\nRUN head -c 30000000 /dev/urandom > /blob\n".encode()
+    built, _ = client.images.build(fileobj=io.BytesIO(dockerfile), tag=tag, rm=True)
+    push(client, built.id, tag)  # dropping its only tag deletes the image: the pull must download
+    assert not client.images.list(name=tag)
+    yield tag
+    with contextlib.suppress(NotFound):
+        client.images.remove(tag, force=True)
+
+
+def test_long_pulls_log_progress(
+    make: Callable[..., PersistentDockerScheduler],
+    big_pushed: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(docker_scheduler, "PULL_PROGRESS_INTERVAL", 0.0)  # every event counts as "long"
+    scheduler = make()
+    with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+        app_id = submit(scheduler, specs.Role("r", image=big_pushed, entrypoint="true"), image_pull="missing")
+    progress = [r.getMessage() for r in caplog.records if "layers done" in r.getMessage()]
+    assert progress and all(
+        r.levelno == logging.INFO for r in caplog.records if "layers done" in r.getMessage()
+    )
+    assert any(re.search(r"\d+/\d+ layers done, \d+\.\d/\d+\.\d MB", m) for m in progress), progress
+    assert wait_for(scheduler, app_id).state == AppState.SUCCEEDED
+
+
+def test_remove_on_exit_removes_containers_once_recorded(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    removed = submit(scheduler, role("r", "echo gone; exit 3", replicas=2), remove_on_exit=True)
+    kept = submit(scheduler, role("r", "echo kept"))
+    assert wait_for(scheduler, removed).state == AppState.FAILED
+    assert wait_for(scheduler, kept).state == AppState.SUCCEEDED
+    assert container_names(client, removed) == []
+    assert len(container_names(client, kept)) == 1
+    fresh = make(session=scheduler.session_name)
+    assert fresh.describe(removed).state == AppState.FAILED
+    assert list(fresh.log_iter(removed, "r", 1)) == ["gone\n"]
+
+
+def test_the_torchx_network_is_shared_and_never_removed(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", LONG, replicas=2))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    (network,) = client.networks.list(names=["torchx"])
+    network.reload()
+    attached = {c["Name"] for c in network.attrs["Containers"].values()}
+    assert set(container_names(client, app_id)) <= attached
+    scheduler.close()
+    assert len(client.networks.list(names=["torchx"])) == 1
