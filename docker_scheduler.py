@@ -552,9 +552,16 @@ def _settled(record: AppRecord) -> bool:
     return all(_is_final(r) for r in record["replicas"])
 
 
-def _replica_state(rep: AppRecord, live: dict[str, AppState]) -> AppState:
+def _failed(rep: AppRecord) -> bool:
+    return rep["exit_code"] not in (None, 0)
+
+
+def _replica_state(rep: AppRecord, live: dict[str, AppState], cancelled: bool = False) -> AppState:
     if rep["exit_code"] is not None:
-        return AppState.SUCCEEDED if rep["exit_code"] == 0 else AppState.FAILED
+        if rep["exit_code"] == 0:
+            return AppState.SUCCEEDED
+        # An app is only marked cancelled while none of its replicas had failed.
+        return AppState.CANCELLED if cancelled else AppState.FAILED
     if rep["lost"]:
         return AppState.UNKNOWN
     return live.get(rep["name"], AppState.UNKNOWN)
@@ -586,15 +593,19 @@ def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAp
     ]
     statuses = {r["name"]: RoleStatus(r["name"], []) for r in record["roles"]}
     states = []
+    cancelled = record["state"] == AppState.CANCELLED.name
     problems = [record["msg"]] if record["msg"] else []
+    if cancelled:
+        problems.append("cancelled")
     for rep in record["replicas"]:
-        state = _replica_state(rep, live)
+        state = _replica_state(rep, live, cancelled)
         states.append(state)
         statuses.setdefault(rep["role"], RoleStatus(rep["role"], [])).replicas.append(
             ReplicaStatus(id=rep["id"], state=state, role=rep["role"], hostname=rep["name"])
         )
-        if rep["exit_code"]:
-            problems.append(f"{rep['role']}/{rep['id']} exited with code {rep['exit_code']}{rep['error']}")
+        if _failed(rep):
+            verb = "was stopped" if cancelled else "exited"
+            problems.append(f"{rep['role']}/{rep['id']} {verb} with code {rep['exit_code']}{rep['error']}")
         elif rep["lost"]:
             problems.append(f"{rep['role']}/{rep['id']}: container {rep['name']} vanished before it exited")
     return DescribeAppResponse(
@@ -964,7 +975,7 @@ class PersistentDockerScheduler(DockerScheduler):
             record = _records_from_containers(containers)[app_id]
             return _describe_record(record, {_container_name(c): _listed_state(c) for c in containers})
         live: dict[str, AppState] = {}
-        if record["state"] is None and not _settled(record):
+        if not _settled(record):
             record, live = self._observe(record)
         return _describe_record(record, live)
 
@@ -1110,7 +1121,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _cancel_existing(self, app_id: str) -> None:
         recorded = self._store.apps().get(app_id)
-        if recorded is not None and (recorded["state"] is not None or _settled(recorded)):
+        if recorded is not None and _settled(recorded):
             log.info("cancel: app %s already ended; nothing to do", app_id)
             return
         with _reaching_docker():
@@ -1119,13 +1130,12 @@ class PersistentDockerScheduler(DockerScheduler):
             record = apps.get(app_id)
             if record is None:  # known to Docker only: adopt it so the cancel is recorded
                 record = self._records_for(app_id)
-            if record["state"] is None and not _settled(record):
-                record = copy.deepcopy(record)
+            if record["state"] is None and not any(_failed(r) for r in record["replicas"]):
+                record = copy.deepcopy(record)  # an app that already failed stays FAILED
                 record["state"] = AppState.CANCELLED.name
                 apps[app_id] = record
-        if record["state"] == AppState.CANCELLED.name:
-            self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
-            self._observe(record)
+        self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
+        self._observe(record)
 
     def _records_for(self, app_id: str) -> AppRecord:
         return _records_from_containers(self._containers(LABEL_APP_ID, app_id))[app_id]

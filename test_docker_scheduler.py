@@ -547,7 +547,9 @@ def test_cancel_is_seen_by_every_process(
     app_id = submit(scheduler, role("r", LONG, replicas=2))
     wait_for(scheduler, app_id, (AppState.RUNNING,))
     scheduler.cancel(app_id)
-    assert scheduler.describe(app_id).state == AppState.CANCELLED
+    desc = scheduler.describe(app_id)
+    assert desc.state == AppState.CANCELLED and desc.msg.startswith("cancelled")
+    assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.CANCELLED] * 2
     assert all(
         not c.attrs["State"]["Running"]
         for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
@@ -574,6 +576,24 @@ def test_cancel_of_finished_or_unknown_apps_changes_nothing(
     with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
         scheduler.cancel("no-such-app-123")
     assert "no-such-app-123" in caplog.text
+
+
+def test_cancel_of_a_failed_app_stops_the_rest_and_keeps_failed(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("broken", "exit 2"), role("server", LONG))
+    deadline = time.monotonic() + 30
+    while not any(r.state == AppState.FAILED for r in scheduler.describe(app_id).roles_statuses[0].replicas):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    scheduler.cancel(app_id)
+    desc = scheduler.describe(app_id)
+    assert desc.state == AppState.FAILED and "broken/0 exited with code 2" in desc.msg
+    assert all(
+        not c.attrs["State"]["Running"]
+        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
+    )
 
 
 def test_list_shows_this_session_only(make: Callable[..., PersistentDockerScheduler]) -> None:
