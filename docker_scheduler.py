@@ -41,6 +41,7 @@ import contextlib
 import copy
 import fcntl
 import heapq
+import io
 import logging
 import os
 import pickle
@@ -206,23 +207,34 @@ def _stamp(st: os.stat_result) -> _Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-def _check_shape(data: Any, session_name: str) -> dict[str, AppRecord]:
+def _decode(app_id: str, blob: Any) -> AppRecord:
+    if not isinstance(blob, bytes):
+        raise _CorruptSession(f"malformed record for {app_id!r}")
+    try:
+        record = _RestrictedUnpickler(io.BytesIO(blob)).load()
+    except Exception as e:
+        raise _CorruptSession(f"record for {app_id!r}: {type(e).__name__}: {e}") from e
+    if not isinstance(record, dict) or not isinstance(record.get("replicas"), list):
+        raise _CorruptSession(f"malformed record for {app_id!r}")
+    return record
+
+
+def _check_shape(data: Any, session_name: str) -> dict[str, bytes]:
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
         version = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise _CorruptSession(f"format {version!r}, expected {FORMAT_VERSION}")
     apps = data.get("apps")
     if data.get("session") != session_name or not isinstance(apps, dict):
         raise _CorruptSession("not a session file of this session")
-    for app_id, record in apps.items():
-        if not isinstance(record, dict) or not isinstance(record.get("replicas"), list):
-            raise _CorruptSession(f"malformed record for {app_id!r}")
     return apps
 
 
 class _SessionStore:
     """The session file: re-read only when it changed, replaced atomically under a lock.
 
-    Records handed out are shared with the cache: callers copy one before changing it.
+    Each app's record is pickled on its own inside the file, so a write pickles
+    only the records that changed. Records handed out are shared with the
+    cache: callers copy one before changing it, and that copy is what changed.
     """
 
     def __init__(
@@ -234,6 +246,7 @@ class _SessionStore:
         self._rebuild = rebuild
         self._stamp: _Stamp | None = None
         self._apps: dict[str, AppRecord] = {}
+        self._blobs: dict[str, bytes] = {}
         self._held = threading.local()
         self._temp_name = re.compile(re.escape(f".{session_name}.") + r"[a-z0-9_]{8}\.tmp")
 
@@ -245,11 +258,11 @@ class _SessionStore:
             stamp = None
         if stamp != self._stamp:
             try:
-                self._stamp, self._apps = self._load()
+                self._load()
             except _CorruptSession as e:
                 with self._locked():
                     try:  # another process may have replaced it meanwhile
-                        self._stamp, self._apps = self._load()
+                        self._load()
                     except _CorruptSession:
                         self._quarantine(e)
         return self._apps
@@ -262,7 +275,7 @@ class _SessionStore:
             yield apps
             self._write(apps)
 
-    def _load(self) -> tuple[_Stamp | None, dict[str, AppRecord]]:
+    def _load(self) -> None:
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -272,8 +285,11 @@ class _SessionStore:
                 except Exception as e:  # any byte string can come in: each failure means corrupt
                     raise _CorruptSession(f"{type(e).__name__}: {e}") from e
         except FileNotFoundError:
-            return None, {}
-        return _stamp(st), _check_shape(data, self._session_name)
+            self._stamp, self._apps, self._blobs = None, {}, {}
+            return
+        blobs = _check_shape(data, self._session_name)
+        apps = {app_id: _decode(app_id, blob) for app_id, blob in blobs.items()}
+        self._stamp, self._apps, self._blobs = _stamp(st), apps, blobs
 
     def _quarantine(self, error: Exception) -> None:
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -293,7 +309,13 @@ class _SessionStore:
         self._write(apps)
 
     def _write(self, apps: dict[str, AppRecord]) -> None:
-        data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": apps}
+        blobs = {
+            app_id: self._blobs[app_id]
+            if record is self._apps.get(app_id)
+            else pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+            for app_id, record in apps.items()
+        }
+        data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": blobs}
         directory = os.path.dirname(self.path)
         self._remove_stale_temp_files(directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._session_name}.", suffix=".tmp")
@@ -307,7 +329,7 @@ class _SessionStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._stamp, self._apps = _stamp(os.stat(self.path)), apps
+        self._stamp, self._apps, self._blobs = _stamp(os.stat(self.path)), apps, blobs
 
     def _remove_stale_temp_files(self, directory: str) -> None:
         # Writers hold the lock, so a temp file seen under it was left by one that died.

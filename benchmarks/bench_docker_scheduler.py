@@ -1,0 +1,364 @@
+"""Side-by-side benchmark: torchx's DockerScheduler (``local_docker``) and ours.
+
+Run from the repository root, against the same daemon as the tests::
+
+    python benchmarks/bench_docker_scheduler.py [--runs 7]
+
+Each case runs the same work on both schedulers in one process, alternating
+torchx, ours, torchx, ours, and prints medians, min/max and the ratio
+torchx/ours (above 1: ours is faster), with the Docker API requests each made.
+Images are referred to by id so that neither scheduler asks a registry. Every
+container made here is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import docker  # noqa: E402
+from torchx import specs  # noqa: E402
+from torchx.schedulers.docker_scheduler import LABEL_APP_ID, DockerScheduler  # noqa: E402
+
+from docker_scheduler import PersistentDockerScheduler  # noqa: E402
+from test_docker_scheduler import provision_busybox  # noqa: E402
+
+LONG = "trap 'exit 143' TERM; sleep 600 & wait"
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+
+class RequestCounter:
+    """Counts the Docker API requests of one client, and the time spent in them."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        send = client.api.send
+
+        def timed_send(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return send(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.count += 1
+
+        client.api.send = timed_send
+
+    def reset(self) -> None:
+        self.count, self.seconds = 0, 0.0
+
+
+@dataclass
+class Row:
+    case: str
+    unit: str
+    target: str
+    torchx: list[float] = field(default_factory=list)
+    ours: list[float] = field(default_factory=list)
+    requests: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+    higher_is_better: bool = False
+
+    def ratio(self) -> float:
+        """How many times faster ours is: above 1, ours wins."""
+        torchx, ours = statistics.median(self.torchx), statistics.median(self.ours)
+        return ours / torchx if self.higher_is_better else torchx / ours
+
+
+def per_call(fn: Callable[[], Any], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the benchmark's containers did not get there in time")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------
+# The two schedulers on the same work
+# ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, runs: int) -> None:
+        self.runs = runs
+        self.client = docker.from_env()
+        self.image = self.client.images.get(provision_busybox(self.client)).id
+        self.state_dir = tempfile.mkdtemp(prefix="docker-scheduler-bench-")
+        self.session = f"bench-{uuid.uuid4().hex[:8]}"
+        self.torchx = DockerScheduler(self.session)
+        self.ours = PersistentDockerScheduler(self.session, state_dir=self.state_dir, detach=True)
+        self.counters = {
+            "torchx": RequestCounter(self.torchx._docker_client),
+            "ours": RequestCounter(self.ours._docker_client),
+        }
+        self.app_ids: list[str] = []
+
+    def app(self, script: str, replicas: int = 1) -> specs.AppDef:
+        role = specs.Role("r", image=self.image, entrypoint="sh", args=["-c", script], num_replicas=replicas)
+        return specs.AppDef("bench", roles=[role])
+
+    def submit(self, which: str, script: str, replicas: int = 1) -> str:
+        scheduler = self.torchx if which == "torchx" else self.ours
+        app_id: str = scheduler.submit(self.app(script, replicas), {})
+        self.app_ids.append(app_id)
+        return app_id
+
+    def exited(self, app_id: str) -> bool:
+        found = self.client.api.containers(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
+        return bool(found) and all(c["State"] == "exited" for c in found)
+
+    def running(self, app_id: str, replicas: int) -> bool:
+        found = self.client.api.containers(filters={"label": f"{LABEL_APP_ID}={app_id}"})
+        return len(found) == replicas
+
+    def remove(self, app_ids: Iterable[str]) -> None:
+        for app_id in app_ids:
+            for c in self.client.api.containers(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+                self.client.api.remove_container(c["Id"], force=True)
+
+    def close(self) -> None:
+        self.remove(self.app_ids)
+        self.ours.close()
+
+    def alternate(self, row: Row, measure: Callable[[str], float]) -> Row:
+        for _ in range(self.runs):
+            for which in ("torchx", "ours"):
+                self.counters[which].reset()
+                getattr(row, which).append(measure(which))
+                row.requests[which] = self.counters[which].count
+        return row
+
+    # -- cases --------------------------------------------------------------
+
+    def describe_finished(self) -> Row:
+        calls = 200
+        apps = {which: self.submit(which, "true") for which in ("torchx", "ours")}
+        wait_until(lambda: all(self.exited(a) for a in apps.values()))
+        self.ours.describe(apps["ours"])  # records the exit code and logs once
+        row = Row("describe(), finished 1-replica app", "ms/call", ">= 20x")
+
+        def measure(which: str) -> float:
+            scheduler = self.torchx if which == "torchx" else self.ours
+            seconds = per_call(lambda: scheduler.describe(apps[which]), calls)
+            self.counters[which].count //= calls
+            return seconds * 1e3
+
+        return self.alternate(row, measure)
+
+    def describe_running(self) -> Row:
+        calls = 50
+        apps = {which: self.submit(which, LONG, replicas=4) for which in ("torchx", "ours")}
+        wait_until(lambda: all(self.running(a, 4) for a in apps.values()))
+        row = Row("describe(), running 4-replica app", "ms/call", ">= 2x, <= 1 request")
+
+        def measure(which: str) -> float:
+            scheduler = self.torchx if which == "torchx" else self.ours
+            seconds = per_call(lambda: scheduler.describe(apps[which]), calls)
+            self.counters[which].count //= calls
+            return seconds * 1e3
+
+        try:
+            return self.alternate(row, measure)
+        finally:
+            self.remove(apps.values())
+
+    def schedule_8(self) -> Row:
+        row = Row("schedule(), 8-replica app", "ms", ">= 1.4x")
+        made: list[str] = []
+
+        def measure(which: str) -> float:
+            scheduler = self.torchx if which == "torchx" else self.ours
+            info = scheduler.submit_dryrun(self.app(LONG, replicas=8), {})
+            start = time.perf_counter()
+            made.append(scheduler.schedule(info))
+            elapsed = time.perf_counter() - start
+            self.app_ids.append(made[-1])
+            self.remove([made[-1]])
+            return elapsed * 1e3
+
+        return self.alternate(row, measure)
+
+    def log_200k(self) -> Row:
+        lines = 200_000
+        apps = {which: self.submit(which, f"seq 1 {lines}") for which in ("torchx", "ours")}
+        wait_until(lambda: all(self.exited(a) for a in apps.values()))
+        self.ours.describe(apps["ours"])  # harvests the log once
+        row = Row("log_iter(), finished replica, 200,000 lines", "k lines/s", ">= 1x", higher_is_better=True)
+
+        def measure(which: str) -> float:
+            scheduler = self.torchx if which == "torchx" else self.ours
+            start = time.perf_counter()
+            count = sum(1 for _ in scheduler.log_iter(apps[which], "r", 0))
+            assert count == lines, (which, count)
+            return lines / (time.perf_counter() - start) / 1e3
+
+        self.alternate(row, measure)
+        rss = {which: self.peak_rss(which, apps[which]) for which in ("torchx", "ours")}
+        base = self.peak_rss("ours", apps["ours"], read=False)
+        row.note = (
+            f"peak RSS of a process reading the whole log: torchx {rss['torchx']:.0f} MB, "
+            f"ours {rss['ours']:.0f} MB (target < 100 MB); the same process reading nothing: {base:.0f} MB"
+        )
+        return row
+
+    def peak_rss(self, which: str, app_id: str, read: bool = True) -> float:
+        """Peak RSS of a fresh process that reads the whole log, in MB."""
+        make = (
+            f"DockerScheduler({self.session!r})"
+            if which == "torchx"
+            else f"PersistentDockerScheduler({self.session!r}, state_dir={self.state_dir!r})"
+        )
+        code = textwrap.dedent(
+            f"""
+            import resource
+            from torchx.schedulers.docker_scheduler import DockerScheduler
+            from docker_scheduler import PersistentDockerScheduler
+            s = {make}
+            n = sum(1 for _ in s.log_iter({app_id!r}, "r", 0)) if {read!r} else 0
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        return float(out.stdout.strip())
+
+    def list_100(self) -> Row:
+        calls = 3
+        apps = [self.submit("ours", "true") for _ in range(100)]
+        wait_until(lambda: all(self.exited(a) for a in apps), timeout=300)
+        self.ours.list()  # records the 100 exit codes once
+        row = Row("list(), 100 finished apps", "ms/call", ">= 10x")
+
+        def measure(which: str) -> float:
+            scheduler = self.torchx if which == "torchx" else self.ours
+            listed: list[Any] = []
+            seconds = per_call(lambda: listed.append(scheduler.list()), calls)
+            assert {a.app_id for a in listed[-1]} >= set(apps), which
+            self.counters[which].count //= calls
+            return seconds * 1e3
+
+        try:
+            return self.alternate(row, measure)
+        finally:
+            self.remove(apps)
+
+    def scale_1000(self) -> list[Row]:
+        """schedule() overhead and describe() with 1,000 apps recorded (ours only)."""
+        real = self.submit("ours", "true")
+        wait_until(lambda: self.exited(real))
+        self.ours.describe(real)
+        with self.ours._store.update() as apps:
+            template = apps[real]
+            for i in range(1000 - len(apps)):
+                record = pickle.loads(pickle.dumps(template))  # its own strings, as a real app has
+                record["app_id"] = f"synthetic-{i:04d}"
+                apps[record["app_id"]] = record
+        overhead, describe = [], []
+        counter = self.counters["ours"]
+        for _ in range(self.runs):
+            info = self.ours.submit_dryrun(self.app("true"), {})
+            counter.reset()
+            start = time.perf_counter()
+            app_id = self.ours.schedule(info)
+            overhead.append((time.perf_counter() - start - counter.seconds) * 1e3)
+            self.app_ids.append(app_id)
+            describe.append(per_call(lambda: self.ours.describe(real), 200) * 1e3)
+        size = os.path.getsize(self.ours.session_file) / len(self.ours._store.apps())
+        return [
+            Row(
+                "schedule() overhead beside Docker, 1,000 apps",
+                "ms",
+                "<= 10 ms",
+                ours=overhead,
+                note=f"session file {size:.0f} bytes an app",
+            ),
+            Row("describe(), finished app, 1,000 apps", "ms/call", "<= 1 ms", ours=describe),
+        ]
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def report(rows: list[Row], runs: int, client: docker.DockerClient) -> str:
+    version = client.version()
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
+        f"Python {platform.python_version()}",
+        f"Docker: engine {version['Version']} (API {version['ApiVersion']}); "
+        f"runs: {runs} per case, alternating",
+        "",
+        "| case | unit | torchx median (min-max) | ours median (min-max) | ours faster by | target |"
+        " Docker requests a call, torchx / ours |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        torchx, ours, unit = row.torchx, row.ours, row.unit
+        ratio = f"{row.ratio():.1f}x" if row.torchx else "-"
+        requests = f"{row.requests['torchx']:.0f} / {row.requests['ours']:.0f}" if row.requests else "-"
+        cells = [row.case, unit, spread(torchx), spread(ours), ratio, row.target, requests]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {row.case}: {row.note}" for row in rows if row.note]
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=7, help="runs of each case per scheduler")
+    args = parser.parse_args()
+    bench = Bench(args.runs)
+    rows: list[Row] = []
+    try:
+        rows.append(bench.describe_finished())
+        rows.append(bench.describe_running())
+        rows.append(bench.schedule_8())
+        rows.append(bench.log_200k())
+        rows.append(bench.list_100())
+        rows.extend(bench.scale_1000())
+    finally:
+        bench.close()
+    print(report(rows, args.runs, bench.client))
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
