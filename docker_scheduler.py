@@ -121,11 +121,6 @@ class DockerUnavailableError(RuntimeError):
     """The Docker daemon did not answer at the endpoint in use."""
 
 
-class PersistentDockerOpts(DockerOpts, total=False):
-    image_pull: str
-    remove_on_exit: bool
-
-
 def _docker_endpoint() -> str:
     return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
@@ -463,12 +458,12 @@ def _role_record(role: Role) -> AppRecord:
     }
 
 
-def _replica_record(role: str, replica_id: int, name: str, exit_code: int | None = None) -> AppRecord:
+def _replica_record(role: str, replica_id: int, name: str) -> AppRecord:
     return {
         "role": role,
         "id": replica_id,
         "name": name,
-        "exit_code": exit_code,
+        "exit_code": None,
         "restarts": 0,
         "lost": False,
         "logs": False,

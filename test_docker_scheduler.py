@@ -604,6 +604,9 @@ def test_list_shows_this_session_only(make: Callable[..., PersistentDockerSchedu
     wait_for(mine, a), wait_for(mine, b), wait_for(other, c)
     assert {(x.app_id, x.state) for x in mine.list()} == {(a, AppState.SUCCEEDED), (b, AppState.FAILED)}
     assert [x.app_id for x in other.list()] == [c]
+    with mine._store.update() as apps:  # as if the process died between starting b and recording it
+        del apps[b]
+    assert {(x.app_id, x.state) for x in mine.list()} == {(a, AppState.SUCCEEDED), (b, AppState.FAILED)}
 
 
 # ---------------------------------------------------------------------------
@@ -687,6 +690,39 @@ def test_create_scheduler_passes_state_dir_and_detach(tmp_path: Path) -> None:
     assert isinstance(scheduler, PersistentDockerScheduler)
     assert (scheduler.state_dir, scheduler.detach) == (str(tmp_path / "s"), False)
     assert create_scheduler("f", state_dir=str(tmp_path / "s")).detach is True
+
+
+def _readme_blocks(after: str, count: int) -> str:
+    """The first ``count`` Python blocks of the README after the heading ``after``, joined."""
+    text = (ROOT / "README.md").read_text()
+    start, blocks = text.index(after), []
+    for _ in range(count):
+        start = text.index("```python\n", start) + len("```python\n")
+        blocks.append(text[start : text.index("```", start)])
+    return "".join(blocks)
+
+
+def test_readme_runner_example_works_from_a_copied_file(
+    client: docker.DockerClient, image: str, tmp_path: Path
+) -> None:
+    session = f"readme-{uuid.uuid4().hex[:8]}"
+    shutil.copy(ROOT / "docker_scheduler.py", tmp_path / "docker_scheduler.py")
+    code = _readme_blocks("## Using it without installing", 2).replace('"demo"', repr(session))
+    (tmp_path / "example.py").write_text(
+        code
+        + "import docker_scheduler, os\nassert os.path.dirname(docker_scheduler.__file__) == os.getcwd()\n"
+    )
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    try:
+        run = subprocess.run(
+            [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        runner_state, runner_log, direct_state, direct_log = run.stdout.split()
+        assert (runner_state, runner_log, direct_log) == ("SUCCEEDED", "hello", "hello")
+        assert direct_state in ("SUBMITTED", "PENDING", "RUNNING", "SUCCEEDED")
+    finally:
+        remove_session_containers(client, session)
 
 
 def test_entry_points_keep_torchx_builtins() -> None:

@@ -18,6 +18,7 @@ import os
 import pickle
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,7 @@ class Bench:
     def close(self) -> None:
         self.remove(self.app_ids)
         self.ours.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def alternate(self, row: Row, measure: Callable[[str], float]) -> Row:
         for _ in range(self.runs):
@@ -240,6 +242,7 @@ class Bench:
         code = textwrap.dedent(
             f"""
             import resource
+import shutil
             from torchx.schedulers.docker_scheduler import DockerScheduler
             from docker_scheduler import PersistentDockerScheduler
             s = {make}
