@@ -441,6 +441,46 @@ def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
+class _PullProgress:
+    """Layers done and bytes downloaded, from the events of ``docker pull``."""
+
+    _LAYER_STATUSES = frozenset(
+        {
+            "Pulling fs layer",
+            "Waiting",
+            "Downloading",
+            "Verifying Checksum",
+            "Download complete",
+            "Extracting",
+            "Pull complete",
+            "Already exists",
+        }
+    )
+
+    def __init__(self) -> None:
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.done: set[str] = set()
+
+    def update(self, event: dict[str, Any]) -> None:
+        layer, status = event.get("id"), event.get("status")
+        if not layer or status not in self._LAYER_STATUSES:
+            return
+        current, total = self.layers.get(layer, (0, 0))
+        detail = event.get("progressDetail") or {}
+        if status == "Downloading":
+            current, total = int(detail.get("current", current)), int(detail.get("total") or total)
+        elif status in ("Download complete", "Pull complete", "Already exists"):
+            current = total
+        self.layers[layer] = (current, total)
+        if status in ("Pull complete", "Already exists"):
+            self.done.add(layer)
+
+    def __str__(self) -> str:
+        have = sum(current for current, _ in self.layers.values())
+        total = sum(total for _, total in self.layers.values())
+        return f"{len(self.done)}/{len(self.layers)} layers done, {have / 1e6:.1f}/{total / 1e6:.1f} MB"
+
+
 # ---------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------
@@ -760,13 +800,14 @@ class PersistentDockerScheduler(DockerScheduler):
         if policy not in IMAGE_PULL_POLICIES:
             raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
         info = super()._submit_dryrun(app, cfg)
-        for c in info.request.containers:
-            name = str(c.kwargs["name"])
+        job = info.request
+        for name in [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)]:
             if not _CONTAINER_NAME.fullmatch(name):
                 raise ValueError(
-                    f"app name {app.name!r} gives the container name {name!r}, which Docker refuses: "
+                    f"app name {app.name!r} gives the name {name!r}, which Docker refuses for a container: "
                     "use letters, digits, '_', '.' and '-', starting with a letter or digit"
                 )
+        for c in job.containers:
             c.kwargs["labels"][LABEL_SESSION] = self.session_name  # type: ignore[index]
         return info
 
@@ -851,32 +892,15 @@ class PersistentDockerScheduler(DockerScheduler):
     def _pull(self, image: str) -> None:
         """Pulls ``image``, logging progress at most every few seconds."""
         log.info("pulling image %s", image)
-        layers: dict[str, tuple[int, int]] = {}
-        done: set[str] = set()
+        progress = _PullProgress()
         last = time.monotonic()
         for event in self._docker_client.api.pull(image, stream=True, decode=True):
             if "error" in event:
                 raise DockerException(event["error"])
-            layer, status = event.get("id"), event.get("status", "")
-            detail = event.get("progressDetail") or {}
-            if layer and "current" in detail:
-                layers[layer] = (int(detail["current"]), int(detail.get("total") or 0))
-            if layer and status in ("Pull complete", "Already exists", "Download complete"):
-                layers.setdefault(layer, (0, 0))
-                if status != "Download complete":
-                    done.add(layer)
+            progress.update(event)
             if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
                 last = time.monotonic()
-                have = sum(c for c, _ in layers.values())
-                total = sum(t for _, t in layers.values())
-                log.info(
-                    "pulling %s: %d/%d layers done, %.1f/%.1f MB",
-                    image,
-                    len(done),
-                    len(layers),
-                    have / 1e6,
-                    total / 1e6,
-                )
+                log.info("pulling %s: %s", image, progress)
         log.info("pulled image %s", image)
 
     # -- record -----------------------------------------------------------
@@ -939,6 +963,7 @@ class PersistentDockerScheduler(DockerScheduler):
         if state.get("Error"):
             end["error"] += f" ({state['Error']})"
         log_dir = self._log_dir(app_id)
+        os.makedirs(log_dir, mode=0o700, exist_ok=True)
         try:
             for stream in ("stdout", "stderr"):
                 frames = api.logs(
@@ -956,9 +981,9 @@ class PersistentDockerScheduler(DockerScheduler):
         return end
 
     def _log_dir(self, app_id: str) -> str:
-        path = os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        return path
+        if not _CONTAINER_NAME.fullmatch(app_id):  # it names a directory: no separators, no '..'
+            raise ValueError(f"app id {app_id!r} cannot name a log directory")
+        return os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
 
     def _record_ends(self, app_id: str, ended: dict[str, AppRecord]) -> AppRecord:
         with self._store.update() as apps:
@@ -1083,7 +1108,7 @@ class PersistentDockerScheduler(DockerScheduler):
         since: datetime | None,
         until: datetime | None,
     ) -> Iterator[bytes]:
-        log_dir = os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
+        log_dir = self._log_dir(app_id)
         paths = [_log_file(log_dir, rep, s) for s, on in (("stdout", stdout), ("stderr", stderr)) if on]
         return _harvested_lines(paths, since, until)
 

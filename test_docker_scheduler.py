@@ -1078,6 +1078,10 @@ def test_partial_schedule_removes_started_containers_and_records_failed(
             "repeats another role",
         ),
         (specs.AppDef("sp ace", roles=[specs.Role("r", image=IMAGE, entrypoint="true")]), "Docker refuses"),
+        (
+            specs.AppDef("../../" + "x" * 40, roles=[specs.Role("r", image=IMAGE, entrypoint="true")]),
+            "Docker refuses",
+        ),
     ],
 )
 def test_bad_input_is_a_value_error_before_anything_is_created(
