@@ -1071,12 +1071,23 @@ class PersistentDockerScheduler(DockerScheduler):
             ValueError: for an unknown app, role or replica index; it names the valid ones.
         """
         rep = self._find_replica(app_id, role_name, k)
-        stdout, stderr = streams != Stream.STDERR, streams != Stream.STDOUT
-        lines: Iterator[bytes]
-        if rep["logs"]:
-            lines = self._harvested(app_id, rep, stdout, stderr, since, until)
-        else:
-            lines = self._live(app_id, rep, stdout, stderr, since, until, should_tail)
+        wanted = [
+            s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
+        ]
+        lines: Iterator[bytes] | None = None
+        if not rep["logs"]:
+            try:
+                lines = self._live_lines(rep["name"], wanted, since, until, should_tail)
+            except NotFound:  # the container went away: maybe another process harvested it first
+                rep = self._refreshed(app_id, rep)
+        if lines is None and rep["logs"]:
+            log_dir = self._log_dir(app_id)
+            lines = _harvested_lines([_log_file(log_dir, rep, s) for s in wanted], since, until)
+        if lines is None:
+            log.warning(
+                "the logs of %s are lost: its container was removed before they were read", rep["name"]
+            )
+            lines = iter(())
         text = (line.decode("utf-8", "replace") for line in lines)
         return filter_regex(regex, text) if regex else text
 
@@ -1099,53 +1110,34 @@ class PersistentDockerScheduler(DockerScheduler):
             f"valid replica indices are 0 to {roles[role_name] - 1}"
         )
 
-    def _harvested(
+    def _live_lines(
         self,
-        app_id: str,
-        rep: AppRecord,
-        stdout: bool,
-        stderr: bool,
+        name: str,
+        wanted: builtins.list[str],
         since: datetime | None,
         until: datetime | None,
+        follow: bool,
     ) -> Iterator[bytes]:
-        log_dir = self._log_dir(app_id)
-        paths = [_log_file(log_dir, rep, s) for s, on in (("stdout", stdout), ("stderr", stderr)) if on]
-        return _harvested_lines(paths, since, until)
-
-    def _live(
-        self,
-        app_id: str,
-        rep: AppRecord,
-        stdout: bool,
-        stderr: bool,
-        since: datetime | None,
-        until: datetime | None,
-        should_tail: bool,
-    ) -> Iterator[bytes]:
-        try:
-            with _reaching_docker():
-                chunks = self._docker_client.api.logs(
-                    rep["name"],
-                    stdout=stdout,
-                    stderr=stderr,
-                    stream=True,
-                    follow=should_tail,
-                    since=_epoch(since),
-                    until=_epoch(until),
-                )
-        except NotFound:
-            # The container went away: maybe another process harvested it first.
-            record = self._store.apps().get(app_id)
-            if record is not None:
-                record, _ = self._observe(record)
-                fresh = next(r for r in record["replicas"] if r["name"] == rep["name"])
-                if fresh["logs"]:
-                    return self._harvested(app_id, fresh, stdout, stderr, since, until)
-            log.warning(
-                "the logs of %s are lost: its container was removed before they were read", rep["name"]
+        with _reaching_docker():
+            chunks = self._docker_client.api.logs(
+                name,
+                stdout="stdout" in wanted,
+                stderr="stderr" in wanted,
+                stream=True,
+                follow=follow,
+                since=_epoch(since),
+                until=_epoch(until),
             )
-            return iter(())
         return _whole_lines(chunks)
+
+    def _refreshed(self, app_id: str, rep: AppRecord) -> AppRecord:
+        """``rep`` as recorded after looking at the app's containers again."""
+        record = self._store.apps().get(app_id)
+        if record is None:
+            return rep
+        record, _ = self._observe(record)
+        fresh: AppRecord = next(r for r in record["replicas"] if r["name"] == rep["name"])
+        return fresh
 
     # -- cancel and close -------------------------------------------------
 

@@ -178,6 +178,13 @@ def wait_for(scheduler: PersistentDockerScheduler, app_id: str, states: Any = TE
         time.sleep(0.2)
 
 
+def start_long(scheduler: PersistentDockerScheduler, replicas: int = 1) -> str:
+    """Submits an app whose replicas run until stopped, and waits until it runs."""
+    app_id = submit(scheduler, role("r", LONG, replicas=replicas))
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    return app_id
+
+
 def container_names(client: docker.DockerClient, app_id: str) -> list[str]:
     found = client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
     return sorted(c.name for c in found)
@@ -384,8 +391,7 @@ def test_container_removed_before_exit_reads_unknown(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", LONG))
-    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    app_id = start_long(scheduler)
     for name in container_names(client, app_id):
         client.api.remove_container(name, force=True)
     desc = scheduler.describe(app_id)
@@ -503,6 +509,22 @@ def test_tail_follows_a_running_replica_until_it_exits(
     assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == ["line1\n", "line2\n", "line3\n"]
 
 
+def test_logs_of_a_container_removed_before_they_were_read_are_reported_lost(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo never-read"))
+    wait_exited(client, app_id)
+    for name in container_names(client, app_id):
+        client.api.remove_container(name)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert list(scheduler.log_iter(app_id, "r")) == []
+    assert "logs of" in caplog.text and "are lost" in caplog.text
+    assert scheduler.describe(app_id).state == AppState.UNKNOWN
+
+
 def test_log_iter_names_the_valid_roles_and_replicas(make: Callable[..., PersistentDockerScheduler]) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("a", "true", replicas=2), role("b", "true"))
@@ -544,8 +566,7 @@ def test_cancel_is_seen_by_every_process(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", LONG, replicas=2))
-    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    app_id = start_long(scheduler, replicas=2)
     scheduler.cancel(app_id)
     desc = scheduler.describe(app_id)
     assert desc.state == AppState.CANCELLED and desc.msg.startswith("cancelled")
@@ -640,8 +661,7 @@ def test_detached_close_leaves_apps_running(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make(detach=True)
-    app_id = submit(scheduler, role("r", LONG))
-    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    app_id = start_long(scheduler)
     scheduler.close()
     assert make(session=scheduler.session_name).describe(app_id).state == AppState.RUNNING
     assert len(container_names(client, app_id)) == 1
@@ -1000,8 +1020,7 @@ def test_container_killed_behind_the_schedulers_back_reads_failed(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", LONG))
-    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    app_id = start_long(scheduler)
     for name in container_names(client, app_id):
         client.api.kill(name)
     desc = wait_for(scheduler, app_id)
@@ -1017,8 +1036,7 @@ def test_daemon_restart_mid_run_never_reads_succeeded(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", LONG, replicas=2))
-    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    app_id = start_long(scheduler, replicas=2)
     pid = int(Path("/var/run/docker.pid").read_text())
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     os.kill(pid, signal.SIGTERM)
@@ -1304,8 +1322,7 @@ def test_the_torchx_network_is_shared_and_never_removed(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", LONG, replicas=2))
-    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    app_id = start_long(scheduler, replicas=2)
     (network,) = client.networks.list(names=["torchx"])
     network.reload()
     attached = {c["Name"] for c in network.attrs["Containers"].values()}

@@ -128,8 +128,7 @@ class Bench:
         return specs.AppDef("bench", roles=[role])
 
     def submit(self, which: str, script: str, replicas: int = 1) -> str:
-        scheduler = self.torchx if which == "torchx" else self.ours
-        app_id: str = scheduler.submit(self.app(script, replicas), {})
+        app_id: str = self.scheduler(which).submit(self.app(script, replicas), {})
         self.app_ids.append(app_id)
         return app_id
 
@@ -151,6 +150,20 @@ class Bench:
         self.ours.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
+    def scheduler(self, which: str) -> Any:
+        return self.torchx if which == "torchx" else self.ours
+
+    def per_call_ms(self, row: Row, calls: int, call: Callable[[str, Any], object]) -> Row:
+        """Times ``call(which, scheduler)`` over ``calls`` calls a run: ms and Docker requests a call."""
+
+        def measure(which: str) -> float:
+            scheduler = self.scheduler(which)
+            seconds = per_call(lambda: call(which, scheduler), calls)
+            self.counters[which].count //= calls
+            return seconds * 1e3
+
+        return self.alternate(row, measure)
+
     def alternate(self, row: Row, measure: Callable[[str], float]) -> Row:
         for _ in range(self.runs):
             for which in ("torchx", "ours"):
@@ -162,34 +175,18 @@ class Bench:
     # -- cases --------------------------------------------------------------
 
     def describe_finished(self) -> Row:
-        calls = 200
         apps = {which: self.submit(which, "true") for which in ("torchx", "ours")}
         wait_until(lambda: all(self.exited(a) for a in apps.values()))
         self.ours.describe(apps["ours"])  # records the exit code and logs once
         row = Row("describe(), finished 1-replica app", "ms/call", ">= 20x")
-
-        def measure(which: str) -> float:
-            scheduler = self.torchx if which == "torchx" else self.ours
-            seconds = per_call(lambda: scheduler.describe(apps[which]), calls)
-            self.counters[which].count //= calls
-            return seconds * 1e3
-
-        return self.alternate(row, measure)
+        return self.per_call_ms(row, 200, lambda which, s: s.describe(apps[which]))
 
     def describe_running(self) -> Row:
-        calls = 50
         apps = {which: self.submit(which, LONG, replicas=4) for which in ("torchx", "ours")}
         wait_until(lambda: all(self.running(a, 4) for a in apps.values()))
         row = Row("describe(), running 4-replica app", "ms/call", ">= 2x, <= 1 request")
-
-        def measure(which: str) -> float:
-            scheduler = self.torchx if which == "torchx" else self.ours
-            seconds = per_call(lambda: scheduler.describe(apps[which]), calls)
-            self.counters[which].count //= calls
-            return seconds * 1e3
-
         try:
-            return self.alternate(row, measure)
+            return self.per_call_ms(row, 50, lambda which, s: s.describe(apps[which]))
         finally:
             self.remove(apps.values())
 
@@ -198,7 +195,7 @@ class Bench:
         made: list[str] = []
 
         def measure(which: str) -> float:
-            scheduler = self.torchx if which == "torchx" else self.ours
+            scheduler = self.scheduler(which)
             info = scheduler.submit_dryrun(self.app(LONG, replicas=8), {})
             start = time.perf_counter()
             made.append(scheduler.schedule(info))
@@ -217,7 +214,7 @@ class Bench:
         row = Row("log_iter(), finished replica, 200,000 lines", "k lines/s", ">= 1x", higher_is_better=True)
 
         def measure(which: str) -> float:
-            scheduler = self.torchx if which == "torchx" else self.ours
+            scheduler = self.scheduler(which)
             start = time.perf_counter()
             count = sum(1 for _ in scheduler.log_iter(apps[which], "r", 0))
             assert count == lines, (which, count)
@@ -256,24 +253,21 @@ import shutil
         return float(out.stdout.strip())
 
     def list_100(self) -> Row:
-        calls = 3
         apps = [self.submit("ours", "true") for _ in range(100)]
         wait_until(lambda: all(self.exited(a) for a in apps), timeout=300)
         self.ours.list()  # records the 100 exit codes once
         row = Row("list(), 100 finished apps", "ms/call", ">= 10x")
+        listed: dict[str, set[str]] = {}
 
-        def measure(which: str) -> float:
-            scheduler = self.torchx if which == "torchx" else self.ours
-            listed: list[Any] = []
-            seconds = per_call(lambda: listed.append(scheduler.list()), calls)
-            assert {a.app_id for a in listed[-1]} >= set(apps), which
-            self.counters[which].count //= calls
-            return seconds * 1e3
+        def call(which: str, scheduler: Any) -> None:
+            listed[which] = {a.app_id for a in scheduler.list()}
 
         try:
-            return self.alternate(row, measure)
+            self.per_call_ms(row, 3, call)
         finally:
             self.remove(apps)
+        assert all(found >= set(apps) for found in listed.values()), "a scheduler missed an app"
+        return row
 
     def scale_1000(self) -> list[Row]:
         """schedule() overhead and describe() with 1,000 apps recorded (ours only)."""
