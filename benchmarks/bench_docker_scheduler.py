@@ -239,7 +239,6 @@ class Bench:
         code = textwrap.dedent(
             f"""
             import resource
-import shutil
             from torchx.schedulers.docker_scheduler import DockerScheduler
             from docker_scheduler import PersistentDockerScheduler
             s = {make}
