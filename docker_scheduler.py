@@ -635,6 +635,11 @@ def _app_state(record: AppRecord, states: list[AppState]) -> AppState:
     return min(active) if active else AppState.UNKNOWN
 
 
+def _record_state(record: AppRecord, live: dict[str, AppState]) -> AppState:
+    cancelled = record["state"] == AppState.CANCELLED.name
+    return _app_state(record, [_replica_state(rep, live, cancelled) for rep in record["replicas"]])
+
+
 def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAppResponse:
     roles = [
         Role(
@@ -1041,7 +1046,7 @@ class PersistentDockerScheduler(DockerScheduler):
             live: dict[str, AppState] = {}
             if containers is not None and not _settled(record):
                 record, live = self._observe(record, by_app.get(app_id, []))
-            found.append(ListAppResponse(app_id=app_id, state=_describe_record(record, live).state))
+            found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
         for app_id, group in by_app.items():
             if app_id not in apps:
                 states = [_listed_state(c) for c in group]
@@ -1158,8 +1163,6 @@ class PersistentDockerScheduler(DockerScheduler):
         if recorded is not None and _settled(recorded):
             log.info("cancel: app %s already ended; nothing to do", app_id)
             return
-        with _reaching_docker():
-            self._docker_client.ping()  # fail before recording a cancel that cannot happen
         with self._store.update() as apps:
             record = apps.get(app_id)
             if record is None:  # known to Docker only: adopt it so the cancel is recorded
