@@ -1228,7 +1228,10 @@ def test_image_pull_never_refuses_a_missing_image(
         scheduler.submit(app, {"image_pull": "never"})
     with pytest.raises(ValueError, match="image_pull='sometimes' is not one of always, missing, never"):
         scheduler.submit(app, {"image_pull": "sometimes"})
-    assert container_names(client, "never") == [] and not os.path.exists(scheduler.session_file)
+    assert (
+        client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
+    )
+    assert not os.path.exists(scheduler.session_file)
 
 
 def test_image_pull_missing_pulls_only_what_docker_lacks(
