@@ -854,22 +854,23 @@ for _ in range(count):
 """
 
 
+def start_writer(session: str, count: int, state_dir: str) -> subprocess.Popen[str]:
+    """A process that schedules ``count`` apps into ``session``, printing each id once schedule() returned."""
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, session, str(count)],
+        cwd=ROOT,
+        env={**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_concurrent_writers_lose_no_app(
     make: Callable[..., PersistentDockerScheduler], state_dir: str
 ) -> None:
     session = make().session_name
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, session, "10"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(8)
-    ]
+    procs = [start_writer(session, 10, state_dir) for _ in range(8)]
     scheduled = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -893,17 +894,9 @@ def test_sigkill_while_scheduling_never_corrupts_the_file(
     make: Callable[..., PersistentDockerScheduler], state_dir: str
 ) -> None:
     session = make().session_name
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir}
     returned: list[str] = []
     for delay in [0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, session, "1000"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        proc = start_writer(session, 1000, state_dir)
         time.sleep(1.2 + delay)  # interpreter start-up, then a varied point inside the loop
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
