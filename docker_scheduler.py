@@ -1097,12 +1097,9 @@ class PersistentDockerScheduler(DockerScheduler):
         return filter_regex(regex, text) if regex else text
 
     def _find_replica(self, app_id: str, role_name: str, k: int) -> AppRecord:
-        record = self._store.apps().get(app_id)
+        record = self._store.apps().get(app_id) or self._records_for(app_id)
         if record is None:
-            containers = self._containers(LABEL_APP_ID, app_id)
-            if not containers:
-                raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
-            record = _records_from_containers(containers)[app_id]
+            raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
         roles = {r["name"]: r["num_replicas"] for r in record["roles"]}
         if role_name not in roles:
             raise ValueError(f"app {app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
@@ -1164,9 +1161,11 @@ class PersistentDockerScheduler(DockerScheduler):
             log.info("cancel: app %s already ended; nothing to do", app_id)
             return
         with self._store.update() as apps:
-            record = apps.get(app_id)
-            if record is None:  # known to Docker only: adopt it so the cancel is recorded
-                record = self._records_for(app_id)
+            # An app known to Docker only is adopted, so that its cancel is recorded.
+            record = apps.get(app_id) or self._records_for(app_id)
+            if record is None:
+                log.info("cancel: app %s has no containers left; nothing to do", app_id)
+                return
             if record["state"] is None and not any(_failed(r) for r in record["replicas"]):
                 record = copy.deepcopy(record)  # an app that already failed stays FAILED
                 record["state"] = AppState.CANCELLED.name
@@ -1174,8 +1173,9 @@ class PersistentDockerScheduler(DockerScheduler):
         self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
         self._observe(record)
 
-    def _records_for(self, app_id: str) -> AppRecord:
-        return _records_from_containers(self._containers(LABEL_APP_ID, app_id))[app_id]
+    def _records_for(self, app_id: str) -> AppRecord | None:
+        """A record for ``app_id`` built from its containers, or None when Docker has none."""
+        return _records_from_containers(self._containers(LABEL_APP_ID, app_id)).get(app_id)
 
     def _stop(self, names: builtins.list[str]) -> None:
         api = self._docker_client.api
