@@ -39,6 +39,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import heapq
 import io
@@ -46,15 +47,24 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    TypedDict,
+    cast,
+)
 
 import docker
+import docker.types
 import requests
+import torchx.schedulers.docker_scheduler as _torchx_docker
 from docker.errors import DockerException, NotFound
 from torchx.schedulers.api import (
     DescribeAppResponse,
@@ -69,11 +79,19 @@ from torchx.schedulers.docker_scheduler import (
     LABEL_ROLE_NAME,
     DockerContainer,
     DockerJob,
-    DockerOpts,
     DockerScheduler,
     ensure_network,
 )
-from torchx.specs.api import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, runopts
+from torchx.specs.api import (
+    AppDef,
+    AppDryRunInfo,
+    AppState,
+    CfgVal,
+    ReplicaStatus,
+    Role,
+    RoleStatus,
+    runopts,
+)
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -89,8 +107,9 @@ log: logging.Logger = logging.getLogger(__name__)
 #: Label that ties a container to its session, beside torchx's app/role/replica labels.
 LABEL_SESSION = "docker-scheduler/session"
 
-#: Bumped whenever the session file's shape changes.
-FORMAT_VERSION = 1
+#: Bumped whenever the session file's shape changes; older formats stay readable.
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
 
 #: Environment variable naming the state directory when ``state_dir`` is not given.
 STATE_DIR_ENV = "DOCKER_SCHEDULER_STATE_DIR"
@@ -112,9 +131,65 @@ _ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
 # At most this many containers are created and started at once.
 _START_WORKERS = 8
 
-# An app record and its replicas are plain dicts so that the pickle holds
-# builtin types only: upgrading torchx or docker never breaks reading it.
-AppRecord = Dict[str, Any]
+
+# Records are plain dicts so that the pickle holds builtin types only:
+# upgrading torchx or docker never breaks reading a session file.
+
+
+class RoleRecord(TypedDict):
+    """A role as submitted."""
+
+    name: str
+    image: str
+    entrypoint: str
+    args: list[str]
+    env: dict[str, str]
+    num_replicas: int
+    max_retries: int
+
+
+class ContainerRequest(TypedDict):
+    """What ``docker create`` was given for one replica; docker-py's helper types as plain dicts."""
+
+    image: str
+    command: list[str]
+    kwargs: dict[str, Any]
+
+
+class ReplicaEnd(TypedDict, total=False):
+    """What is learnt when a replica ends, merged into its :py:class:`ReplicaRecord`."""
+
+    exit_code: int | None
+    restarts: int
+    lost: bool
+    logs: bool
+    error: str
+
+
+class ReplicaRecord(TypedDict):
+    """One replica (one container) and what is known of its end."""
+
+    role: str
+    id: int
+    name: str
+    exit_code: int | None
+    restarts: int
+    lost: bool
+    logs: bool
+    error: str
+    request: ContainerRequest | None  # None in records of format 1 and for apps only Docker knew
+
+
+class AppRecord(TypedDict):
+    """One app of a session, as pickled in the session file."""
+
+    app_id: str
+    created: float
+    state: str | None  # set when cancelled, or when schedule() failed
+    msg: str
+    remove_on_exit: bool
+    roles: list[RoleRecord]
+    replicas: list[ReplicaRecord]
 
 
 class DockerUnavailableError(RuntimeError):
@@ -176,6 +251,81 @@ def _resolve_state_dir(state_dir: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Run options, and the one place that knows torchx versions apart
+# ---------------------------------------------------------------------------
+# torchx 0.7 declares a scheduler's options as ``runopts`` and hands ``cfg`` over
+# as a dict; torchx main (``torchx-nightly``) declares them as a dataclass
+# extending its ``StructuredOpts`` and hands ``cfg`` over as that dataclass.
+# Both read with ``cfg.get(name)``. Everything version-dependent is below.
+
+# torchx main's ``local_docker`` options (copy_env, env, privileged); None on 0.7.
+_TorchxDockerOpts: Any = getattr(_torchx_docker, "Opts", None)
+
+
+def _option(default: Any, type_: Any, help: str) -> Any:
+    """A run option: a dataclass field that carries its runopts type and help."""
+    return dataclasses.field(default=default, metadata={"type": type_, "help": help})
+
+
+@dataclasses.dataclass
+class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
+    """The run options this scheduler adds to ``local_docker``'s.
+
+    On torchx main this is the scheduler's options type (``cfg`` arrives as an
+    instance, with ``local_docker``'s fields inherited); on torchx 0.7 its fields
+    are added to ``local_docker``'s ``runopts``.
+    """
+
+    image_pull: str = _option(
+        "always",
+        str,
+        "when to pull each role's image: `always` (as local_docker; falls back to a local copy "
+        "when the pull fails), `missing` (only when Docker lacks it) or `never` "
+        "(a missing image is an error)",
+    )
+    remove_on_exit: bool = _option(
+        False, bool, "remove each container once its exit code and logs are recorded in the session"
+    )
+
+    @classmethod
+    def get_docstrings(cls) -> dict[str, str]:
+        # torchx main takes help from attribute docstrings; ours sits in each field's metadata.
+        helps = {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
+        return {**_TorchxDockerOpts.get_docstrings(), **helps}
+
+
+# ``AppDryRunInfo[DockerJob]`` on torchx 0.7, ``AppDryRunInfo[DockerJob, Opts]`` on main
+# (its second parameter, the cfg type, is invariant): one annotation cannot name both.
+_DryRun = Any
+
+
+def _runopts(torchx_opts: runopts) -> runopts:
+    """``local_docker``'s run options (as torchx 0.7 declares them) and ours."""
+    if _TorchxDockerOpts is not None:
+        return PersistentDockerOpts.as_runopts()  # type: ignore[no-any-return]
+    for f in dataclasses.fields(PersistentDockerOpts):
+        default = cast(CfgVal, f.default)
+        torchx_opts.add(f.name, type_=f.metadata["type"], default=default, help=f.metadata["help"])
+    return torchx_opts
+
+
+def _opts_type() -> type | None:
+    """The type torchx main converts ``cfg`` to before handing it over; None on torchx 0.7."""
+    return PersistentDockerOpts if _TorchxDockerOpts is not None else None
+
+
+def _submitted(info: _DryRun) -> tuple[AppDef | None, dict[str, Any]]:
+    """The AppDef and resolved ``cfg`` that ``submit_dryrun`` attached to ``info``.
+
+    torchx main sets the public ``app`` and ``cfg``; torchx 0.7 the private
+    ``_app`` and ``_cfg``. A hand-made ``AppDryRunInfo`` has neither.
+    """
+    app = getattr(info, "app", None) or getattr(info, "_app", None)
+    cfg = getattr(info, "cfg", None) or getattr(info, "_cfg", None) or {}
+    return app, {key: cfg[key] for key in cfg}
+
+
+# ---------------------------------------------------------------------------
 # Session store
 # ---------------------------------------------------------------------------
 
@@ -195,7 +345,7 @@ class _CorruptSession(Exception):
     pass
 
 
-_Stamp = Tuple[int, int, int, int]
+_Stamp = tuple[int, int, int, int]
 
 
 def _stamp(st: os.stat_result) -> _Stamp:
@@ -211,13 +361,15 @@ def _decode(app_id: str, blob: Any) -> AppRecord:
         raise _CorruptSession(f"record for {app_id!r}: {type(e).__name__}: {e}") from e
     if not isinstance(record, dict) or not isinstance(record.get("replicas"), list):
         raise _CorruptSession(f"malformed record for {app_id!r}")
-    return record
+    for rep in record["replicas"]:
+        rep.setdefault("request", None)  # format 1 kept no request
+    return cast(AppRecord, record)
 
 
 def _check_shape(data: Any, session_name: str) -> dict[str, bytes]:
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format") not in _READABLE_FORMATS:
         version = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise _CorruptSession(f"format {version!r}, expected {FORMAT_VERSION}")
+        raise _CorruptSession(f"format {version!r}, expected one of {_READABLE_FORMATS}")
     apps = data.get("apps")
     if data.get("session") != session_name or not isinstance(apps, dict):
         raise _CorruptSession("not a session file of this session")
@@ -363,7 +515,7 @@ class _SessionStore:
 # so since/until compare as bytes and two streams merge in time order.
 
 
-def _log_file(log_dir: str, rep: AppRecord, stream: str) -> str:
+def _log_file(log_dir: str, rep: ReplicaRecord, stream: str) -> str:
     return os.path.join(log_dir, f"{rep['role']}.{rep['id']}.{stream}")
 
 
@@ -486,7 +638,7 @@ class _PullProgress:
 # ---------------------------------------------------------------------------
 
 
-def _role_record(role: Role) -> AppRecord:
+def _role_record(role: Role) -> RoleRecord:
     return {
         "name": role.name,
         "image": role.image,
@@ -498,7 +650,9 @@ def _role_record(role: Role) -> AppRecord:
     }
 
 
-def _replica_record(role: str, replica_id: int, name: str) -> AppRecord:
+def _replica_record(
+    role: str, replica_id: int, name: str, request: ContainerRequest | None = None
+) -> ReplicaRecord:
     return {
         "role": role,
         "id": replica_id,
@@ -508,14 +662,15 @@ def _replica_record(role: str, replica_id: int, name: str) -> AppRecord:
         "lost": False,
         "logs": False,
         "error": "",
+        "request": request,
     }
 
 
-def _new_record(app_id: str, roles: list[AppRecord], replicas: list[AppRecord]) -> AppRecord:
+def _new_record(app_id: str, roles: list[RoleRecord], replicas: list[ReplicaRecord]) -> AppRecord:
     return {
         "app_id": app_id,
         "created": time.time(),
-        "state": None,  # set when cancelled, or when schedule() failed
+        "state": None,
         "msg": "",
         "remove_on_exit": False,
         "roles": roles,
@@ -523,28 +678,73 @@ def _new_record(app_id: str, roles: list[AppRecord], replicas: list[AppRecord]) 
     }
 
 
+# docker-py's helper types are dicts underneath: kept as plain dicts, rebuilt on the way out.
+_DOCKER_TYPES: dict[str, type[dict[str, Any]]] = {
+    "mounts": docker.types.Mount,
+    "device_requests": docker.types.DeviceRequest,
+    "ulimits": docker.types.Ulimit,
+    "log_config": docker.types.LogConfig,
+}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with builtin types only, as the restricted unpickler reads them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool, bytes)):
+        return value
+    return str(value)
+
+
+def _docker_typed(cls: type[dict[str, Any]], value: dict[str, Any]) -> Any:
+    typed = cls.__new__(cls)  # their constructors take other spellings than the dicts they build
+    typed.update(value)
+    return typed
+
+
+def _container_kwargs(plain: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs of a recorded request, with docker-py's helper types rebuilt."""
+    kwargs = copy.deepcopy(plain)
+    for key, cls in _DOCKER_TYPES.items():
+        value = kwargs.get(key)
+        if isinstance(value, list):
+            kwargs[key] = [_docker_typed(cls, v) if isinstance(v, dict) else v for v in value]
+        elif isinstance(value, dict):
+            kwargs[key] = _docker_typed(cls, value)
+    return kwargs
+
+
+def _request_record(c: DockerContainer) -> ContainerRequest:
+    return {"image": c.image, "command": [str(a) for a in c.command], "kwargs": _plain(c.kwargs)}
+
+
 def _record_from_job(job: DockerJob, app: AppDef | None) -> AppRecord:
-    replicas = [
-        _replica_record(
-            str(c.kwargs["labels"][LABEL_ROLE_NAME]),  # type: ignore[index]
-            int(c.kwargs["labels"][LABEL_REPLICA_ID]),  # type: ignore[index]
-            str(c.kwargs["name"]),
+    replicas = []
+    for c in job.containers:
+        labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
+        replicas.append(
+            _replica_record(
+                labels[LABEL_ROLE_NAME],
+                int(labels[LABEL_REPLICA_ID]),
+                str(c.kwargs["name"]),
+                _request_record(c),
+            )
         )
-        for c in job.containers
-    ]
     if app is not None:
         roles = [_role_record(r) for r in app.roles]
     else:  # a hand-made AppDryRunInfo: the containers are all there is
         roles = _roles_from_replicas(
-            replicas, {r["name"]: (c.image, c.command) for r, c in zip(replicas, job.containers)}
+            replicas, {r["name"]: (c.image, c.command) for r, c in zip(replicas, job.containers, strict=True)}
         )
     return _new_record(job.app_id, roles, replicas)
 
 
 def _roles_from_replicas(
-    replicas: list[AppRecord], commands: dict[str, tuple[str, list[str]]]
-) -> list[AppRecord]:
-    roles: dict[str, AppRecord] = {}
+    replicas: list[ReplicaRecord], commands: dict[str, tuple[str, list[str]]]
+) -> list[RoleRecord]:
+    roles: dict[str, RoleRecord] = {}
     for rep in replicas:
         image, command = commands.get(rep["name"], ("", []))
         role = roles.setdefault(
@@ -561,6 +761,25 @@ def _roles_from_replicas(
         )
         role["num_replicas"] += 1
     return list(roles.values())
+
+
+def _job_from_record(record: AppRecord) -> DockerJob:
+    """The request as scheduled; for records of format 1, what they kept of it."""
+    roles = {r["name"]: r for r in record["roles"]}
+    containers = []
+    for rep in record["replicas"]:
+        request = rep["request"]
+        if request is None:
+            role = roles[rep["role"]]
+            request = {
+                "image": role["image"],
+                "command": [role["entrypoint"], *role["args"]],
+                "kwargs": {"name": rep["name"], "environment": dict(role["env"])},
+            }
+        containers.append(
+            DockerContainer(request["image"], list(request["command"]), _container_kwargs(request["kwargs"]))
+        )
+    return DockerJob(app_id=record["app_id"], containers=containers)
 
 
 def _container_name(container: dict[str, Any]) -> str:
@@ -600,7 +819,7 @@ def _records_from_containers(containers: list[dict[str, Any]]) -> dict[str, AppR
     return records
 
 
-def _is_final(rep: AppRecord) -> bool:
+def _is_final(rep: ReplicaRecord) -> bool:
     return rep["exit_code"] is not None or bool(rep["lost"])
 
 
@@ -609,11 +828,11 @@ def _settled(record: AppRecord) -> bool:
     return all(_is_final(r) for r in record["replicas"])
 
 
-def _failed(rep: AppRecord) -> bool:
+def _failed(rep: ReplicaRecord) -> bool:
     return rep["exit_code"] not in (None, 0)
 
 
-def _replica_state(rep: AppRecord, live: dict[str, AppState], cancelled: bool = False) -> AppState:
+def _replica_state(rep: ReplicaRecord, live: dict[str, AppState], cancelled: bool = False) -> AppState:
     if rep["exit_code"] is not None:
         if rep["exit_code"] == 0:
             return AppState.SUCCEEDED
@@ -624,9 +843,9 @@ def _replica_state(rep: AppRecord, live: dict[str, AppState], cancelled: bool = 
     return live.get(rep["name"], AppState.UNKNOWN)
 
 
-def _app_state(record: AppRecord, states: list[AppState]) -> AppState:
-    if record["state"]:
-        return AppState[record["state"]]
+def _app_state(recorded: str | None, states: list[AppState]) -> AppState:
+    if recorded:
+        return AppState[recorded]
     if AppState.FAILED in states:
         return AppState.FAILED
     if states and all(s == AppState.SUCCEEDED for s in states):
@@ -637,7 +856,7 @@ def _app_state(record: AppRecord, states: list[AppState]) -> AppState:
 
 def _record_state(record: AppRecord, live: dict[str, AppState]) -> AppState:
     cancelled = record["state"] == AppState.CANCELLED.name
-    return _app_state(record, [_replica_state(rep, live, cancelled) for rep in record["replicas"]])
+    return _app_state(record["state"], [_replica_state(rep, live, cancelled) for rep in record["replicas"]])
 
 
 def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAppResponse:
@@ -672,7 +891,7 @@ def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAp
             problems.append(f"{rep['role']}/{rep['id']}: container {rep['name']} vanished before it exited")
     return DescribeAppResponse(
         app_id=record["app_id"],
-        state=_app_state(record, states),
+        state=_app_state(record["state"], states),
         num_restarts=max((rep["restarts"] for rep in record["replicas"]), default=0),
         msg="; ".join(problems),
         roles=roles,
@@ -782,29 +1001,18 @@ class PersistentDockerScheduler(DockerScheduler):
     # -- submit -----------------------------------------------------------
 
     def _run_opts(self) -> runopts:
-        opts = super()._run_opts()
-        opts.add(
-            "image_pull",
-            type_=str,
-            default="always",
-            help="when to pull each role's image: `always` (as local_docker; falls back to a local copy "
-            "when the pull fails), `missing` (only when Docker lacks it) or `never` "
-            "(a missing image is an error)",
-        )
-        opts.add(
-            "remove_on_exit",
-            type_=bool,
-            default=False,
-            help="remove each container once its exit code and logs are recorded in the session",
-        )
-        return opts
+        return _runopts(super()._run_opts())
 
-    def _submit_dryrun(self, app: AppDef, cfg: DockerOpts) -> AppDryRunInfo[DockerJob]:
+    @classmethod
+    def _opts_type(cls) -> Any:
+        return _opts_type()
+
+    def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> _DryRun:
         _validate_app(app)
         policy = cfg.get("image_pull") or "always"
         if policy not in IMAGE_PULL_POLICIES:
             raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
-        info = super()._submit_dryrun(app, cfg)
+        info = super()._submit_dryrun(app, cast(Any, cfg))
         job = info.request
         for name in [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)]:
             if not _CONTAINER_NAME.fullmatch(name):
@@ -816,15 +1024,15 @@ class PersistentDockerScheduler(DockerScheduler):
             c.kwargs["labels"][LABEL_SESSION] = self.session_name  # type: ignore[index]
         return info
 
-    def schedule(self, dryrun_info: AppDryRunInfo[DockerJob]) -> str:
+    def schedule(self, dryrun_info: _DryRun) -> str:
         """Starts every replica's container, then records the app.
 
         When a container cannot start, the ones already started are removed,
         the app is recorded FAILED with the reason, and the error is raised.
         """
-        job = dryrun_info.request
-        cfg: dict[str, Any] = dict(getattr(dryrun_info, "_cfg", None) or {})
-        record = _record_from_job(job, getattr(dryrun_info, "_app", None))
+        job: DockerJob = dryrun_info.request
+        app, cfg = _submitted(dryrun_info)
+        record = _record_from_job(job, app)
         record["remove_on_exit"] = bool(cfg.get("remove_on_exit", False))
         with _reaching_docker():
             client = self._docker_client
@@ -937,7 +1145,7 @@ class PersistentDockerScheduler(DockerScheduler):
             containers = self._containers(LABEL_APP_ID, record["app_id"])
         by_name = {_container_name(c): c for c in containers}
         live: dict[str, AppState] = {}
-        ended: dict[str, AppRecord] = {}
+        ended: dict[str, ReplicaEnd] = {}
         for rep in record["replicas"]:
             if _is_final(rep):
                 continue
@@ -952,7 +1160,7 @@ class PersistentDockerScheduler(DockerScheduler):
             record = self._record_ends(record["app_id"], ended)
         return record, live
 
-    def _harvest(self, app_id: str, rep: AppRecord) -> AppRecord:
+    def _harvest(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd:
         """Reads an ended replica's exit code, then streams its logs to files."""
         api = self._docker_client.api
         try:
@@ -960,7 +1168,7 @@ class PersistentDockerScheduler(DockerScheduler):
         except NotFound:
             return {"lost": True}
         state = inspected["State"]
-        end: AppRecord = {
+        end: ReplicaEnd = {
             "exit_code": int(state["ExitCode"]),
             "restarts": int(inspected.get("RestartCount") or 0),
             "error": " (out of memory)" if state.get("OOMKilled") else "",
@@ -990,14 +1198,15 @@ class PersistentDockerScheduler(DockerScheduler):
             raise ValueError(f"app id {app_id!r} cannot name a log directory")
         return os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
 
-    def _record_ends(self, app_id: str, ended: dict[str, AppRecord]) -> AppRecord:
+    def _record_ends(self, app_id: str, ended: dict[str, ReplicaEnd]) -> AppRecord:
         with self._store.update() as apps:
             record = copy.deepcopy(apps[app_id])
-            for rep in record["replicas"]:
-                if rep["name"] in ended and not _is_final(rep):
-                    rep.update(ended[rep["name"]])
+            record["replicas"] = [
+                {**rep, **ended[rep["name"]]} if rep["name"] in ended and not _is_final(rep) else rep
+                for rep in record["replicas"]
+            ]
             apps[app_id] = record
-        if record.get("remove_on_exit"):
+        if record["remove_on_exit"]:
             self._remove([r["name"] for r in record["replicas"] if r["name"] in ended and r["logs"]])
         return record
 
@@ -1026,11 +1235,27 @@ class PersistentDockerScheduler(DockerScheduler):
             record, live = self._observe(record)
         return _describe_record(record, live)
 
-    def list(self) -> builtins.list[ListAppResponse]:
+    def describe_native(self, app_id: str) -> AppDryRunInfo[DockerJob] | None:
+        """The request ``app_id`` was scheduled with, rebuilt from the session file.
+
+        For each container: its image, command and ``docker create`` kwargs
+        (environment, labels, hostname, network, mounts, devices, privileged,
+        restart policy, limits), with docker-py's ``Mount``, ``DeviceRequest``
+        and similar types rebuilt. It needs no container, so it answers after
+        they are removed and in any process. Returns ``None`` for an app id the
+        session file does not hold.
+        """
+        record = self._store.apps().get(app_id)
+        if record is None:
+            return None
+        return AppDryRunInfo(_job_from_record(record), repr)
+
+    def list(self, cfg: Mapping[str, Any] | None = None) -> builtins.list[ListAppResponse]:
         """This session's apps with their states, oldest first.
 
         Containers labelled with this session that the session file lacks are
-        listed too; other sessions' apps are not.
+        listed too; other sessions' apps are not. ``cfg`` is accepted as torchx
+        main passes it, and not needed.
         """
         apps = self._store.apps()
         try:
@@ -1050,7 +1275,7 @@ class PersistentDockerScheduler(DockerScheduler):
         for app_id, group in by_app.items():
             if app_id not in apps:
                 states = [_listed_state(c) for c in group]
-                found.append(ListAppResponse(app_id=app_id, state=_app_state({"state": None}, states)))
+                found.append(ListAppResponse(app_id=app_id, state=_app_state(None, states)))
         return found
 
     def log_iter(
@@ -1096,7 +1321,7 @@ class PersistentDockerScheduler(DockerScheduler):
         text = (line.decode("utf-8", "replace") for line in lines)
         return filter_regex(regex, text) if regex else text
 
-    def _find_replica(self, app_id: str, role_name: str, k: int) -> AppRecord:
+    def _find_replica(self, app_id: str, role_name: str, k: int) -> ReplicaRecord:
         record = self._store.apps().get(app_id) or self._records_for(app_id)
         if record is None:
             raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
@@ -1105,8 +1330,7 @@ class PersistentDockerScheduler(DockerScheduler):
             raise ValueError(f"app {app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
         for rep in record["replicas"]:
             if rep["role"] == role_name and rep["id"] == k:
-                found: AppRecord = rep
-                return found
+                return rep
         raise ValueError(
             f"role {role_name!r} of app {app_id!r} has no replica {k}; "
             f"valid replica indices are 0 to {roles[role_name] - 1}"
@@ -1132,16 +1356,15 @@ class PersistentDockerScheduler(DockerScheduler):
             )
         return _whole_lines(chunks)
 
-    def _refreshed(self, app_id: str, rep: AppRecord) -> AppRecord:
+    def _refreshed(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
         """``rep`` as recorded after looking at the app's containers again."""
         record = self._store.apps().get(app_id)
         if record is None:
             return rep
         record, _ = self._observe(record)
-        fresh: AppRecord = next(r for r in record["replicas"] if r["name"] == rep["name"])
-        return fresh
+        return next(r for r in record["replicas"] if r["name"] == rep["name"])
 
-    # -- cancel and close -------------------------------------------------
+    # -- cancel, delete and close -----------------------------------------
 
     def cancel(self, app_id: str) -> None:
         """Stops ``app_id``'s containers; from then on every process sees CANCELLED.
@@ -1172,6 +1395,34 @@ class PersistentDockerScheduler(DockerScheduler):
                 apps[app_id] = record
         self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
         self._observe(record)
+
+    def delete(self, app_id: str) -> None:
+        """Forgets ``app_id``: stops what still runs, then removes its containers,
+        its harvested logs and, last, its record in the session file.
+
+        Afterwards ``describe`` returns ``None``, ``list`` omits the app and
+        ``log_iter`` raises ``ValueError``; the session's other apps are
+        untouched. An unknown app id is logged at debug level and ignored.
+        (``torchx delete`` calls this on torchx main.)
+        """
+        recorded = self._store.apps().get(app_id)
+        containers = self._containers(LABEL_APP_ID, app_id)
+        if recorded is None and not containers:
+            log.debug(
+                "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
+            )
+            return
+        self._stop(
+            [_container_name(c) for c in containers if c["State"] not in ("exited", "dead", "created")]
+        )
+        with _reaching_docker():
+            self._remove([_container_name(c) for c in containers])
+        # The record goes last: until then a crash leaves the app listed, and delete can run again.
+        if _CONTAINER_NAME.fullmatch(app_id):
+            shutil.rmtree(self._log_dir(app_id), ignore_errors=True)
+        with self._store.update() as apps:
+            apps.pop(app_id, None)
+        log.info("deleted app %s from session %s", app_id, self.session_name)
 
     def _records_for(self, app_id: str) -> AppRecord | None:
         """A record for ``app_id`` built from its containers, or None when Docker has none."""

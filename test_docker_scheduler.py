@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -29,16 +30,17 @@ import textwrap
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import docker
 import pytest
 from docker.errors import DockerException, NotFound
 from torchx import specs
 from torchx.schedulers import get_scheduler_factories
-from torchx.schedulers.api import Stream
+from torchx.schedulers.api import Scheduler, Stream
 from torchx.specs import AppState
 
 import docker_scheduler
@@ -369,8 +371,8 @@ def test_running_app_reads_running_until_every_replica_ends(
     ],
 )
 def test_app_state_rules(states: list[AppState], expected: AppState) -> None:
-    assert docker_scheduler._app_state({"state": None}, states) == expected
-    assert docker_scheduler._app_state({"state": "CANCELLED"}, states) == AppState.CANCELLED
+    assert docker_scheduler._app_state(None, states) == expected
+    assert docker_scheduler._app_state("CANCELLED", states) == AppState.CANCELLED
 
 
 def test_exit_code_and_logs_survive_container_removal(
@@ -631,6 +633,186 @@ def test_list_shows_this_session_only(make: Callable[..., PersistentDockerSchedu
 
 
 # ---------------------------------------------------------------------------
+# Scheduler: delete and describe_native
+# ---------------------------------------------------------------------------
+
+
+def test_delete_forgets_a_running_app_and_leaves_the_rest(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    kept = submit(scheduler, role("r", "echo kept; exit 5"))
+    wait_for(scheduler, kept)
+    running = start_long(scheduler, replicas=2)
+    finished = submit(scheduler, role("r", "echo gone"))
+    wait_for(scheduler, finished)
+    log_root = Path(scheduler.state_dir) / f"{scheduler.session_name}.logs"
+    assert (log_root / finished).is_dir()
+
+    scheduler.delete(running)
+    scheduler.delete(finished)
+    for app_id in (running, finished):
+        assert container_names(client, app_id) == []
+        assert scheduler.describe(app_id) is None
+        assert scheduler.describe_native(app_id) is None
+        assert not (log_root / app_id).exists()
+        with pytest.raises(ValueError, match="no app"):
+            scheduler.log_iter(app_id, "r")
+    assert [a.app_id for a in scheduler.list()] == [kept]
+    assert set(make(session=scheduler.session_name)._store.apps()) == {kept}
+    desc = scheduler.describe(kept)
+    assert desc.state == AppState.FAILED and "code 5" in desc.msg
+    assert list(scheduler.log_iter(kept, "r")) == ["kept\n"]
+
+    with caplog.at_level(logging.DEBUG, logger="docker_scheduler"):
+        scheduler.delete("no-such-app-123")
+    assert "no-such-app-123" in caplog.text
+    assert [a.app_id for a in scheduler.list()] == [kept]
+
+
+def test_delete_beside_concurrent_writers_loses_nothing(
+    make: Callable[..., PersistentDockerScheduler], state_dir: str
+) -> None:
+    scheduler = make()
+    doomed = [submit(scheduler, role("r", "true")) for _ in range(6)]
+    writers = [start_writer(scheduler.session_name, 8, state_dir) for _ in range(2)]
+    for app_id in doomed:
+        scheduler.delete(app_id)
+    written = []
+    for proc in writers:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        written += out.split()
+    assert len(set(written)) == 16
+    assert set(make(session=scheduler.session_name)._store.apps()) == set(written)
+
+
+def _native_app(tmp_path: Path) -> specs.AppDef:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("mounted\n")
+    r = role(
+        "r",
+        "cat /data/f; echo $GREETING",
+        replicas=2,
+        env={"GREETING": "hi"},
+        max_retries=1,
+        mounts=[specs.BindMount(src_path=str(data), dst_path="/data", read_only=True)],
+        resource=specs.Resource(cpu=1, gpu=0, memMB=128),
+    )
+    return specs.AppDef("native", roles=[r])
+
+
+def test_describe_native_returns_the_request_as_scheduled(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, tmp_path: Path
+) -> None:
+    scheduler = make()
+    info = scheduler.submit_dryrun(_native_app(tmp_path), dict(CFG))
+    expected = copy.deepcopy(info.request)
+    app_id = scheduler.schedule(info)
+    wait_for(scheduler, app_id)
+    assert scheduler.describe(app_id).state == AppState.SUCCEEDED
+    for name in container_names(client, app_id):
+        client.api.remove_container(name)
+
+    native = scheduler.describe_native(app_id)
+    assert native is not None and native.request.app_id == app_id
+    assert [(c.image, c.command, c.kwargs) for c in native.request.containers] == [
+        (c.image, c.command, c.kwargs) for c in expected.containers
+    ]
+    kwargs = native.request.containers[1].kwargs
+    assert isinstance(kwargs["mounts"][0], docker.types.Mount)
+    assert kwargs["mounts"][0]["Source"] == str(tmp_path / "data") and kwargs["mounts"][0]["ReadOnly"]
+    assert kwargs["environment"]["GREETING"] == "hi"
+    assert kwargs["labels"][LABEL_SESSION] == scheduler.session_name
+    assert kwargs["restart_policy"] == {"Name": "on-failure", "MaximumRetryCount": 1}
+    assert (kwargs["mem_limit"], kwargs["nano_cpus"], kwargs["network"]) == ("128m", 10**9, "torchx")
+    assert kwargs["hostname"] == kwargs["name"] == f"{app_id}-r-1"
+    assert scheduler.describe_native("no-such-app-123") is None
+
+    seen = run_python(
+        f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        native = PersistentDockerScheduler({scheduler.session_name!r}).describe_native({app_id!r})
+        c = native.request.containers[0]
+        print(json.dumps([c.image, c.command, type(c.kwargs["mounts"][0]).__name__, c.kwargs["name"]]))
+        """,
+        scheduler.state_dir,
+    )
+    assert seen == [IMAGE, expected.containers[0].command, "Mount", f"{app_id}-r-0"]
+
+
+def test_docker_helper_types_survive_the_session_file() -> None:
+    kwargs = {
+        "device_requests": [docker.types.DeviceRequest(count=2, capabilities=[["compute", "utility"]])],
+        "ulimits": [docker.types.Ulimit(name="nofile", soft=1024, hard=2048)],
+        "log_config": docker.types.LogConfig(type="none"),
+        "mounts": [docker.types.Mount(target="/v", source="vol", type="volume")],
+    }
+    plain = docker_scheduler._plain(kwargs)
+    assert _builtin_only(plain)
+    docker_scheduler._RestrictedUnpickler(io.BytesIO(pickle.dumps(plain))).load()
+    rebuilt = docker_scheduler._container_kwargs(plain)
+    assert rebuilt == kwargs
+    assert [type(rebuilt[k][0]) for k in ("device_requests", "ulimits", "mounts")] == [
+        docker.types.DeviceRequest,
+        docker.types.Ulimit,
+        docker.types.Mount,
+    ]
+    assert isinstance(rebuilt["log_config"], docker.types.LogConfig)
+    assert rebuilt["device_requests"][0].count == 2
+
+
+# A session file of format 1, written by the release before describe_native: app
+# old-x7k3d3cdmxd2cc ran `echo out; echo err >&2; exit 3` with env K=v, and its
+# container was removed once its logs were harvested.
+FORMAT_1_FILE = (
+    "gAWVuwEAAAAAAAB9lCiMBmZvcm1hdJRLAYwHc2Vzc2lvbpSMAnYxlIwEYXBwc5R9lIwSb2xkLXg3azNkM2NkbXhkMmNjlEJ3AQAA"
+    "gAWVbAEAAAAAAAB9lCiMBmFwcF9pZJSMEm9sZC14N2szZDNjZG14ZDJjY5SMB2NyZWF0ZWSUR0HawzNtnehajAVzdGF0ZZROjANt"
+    "c2eUjACUjA5yZW1vdmVfb25fZXhpdJSIjAVyb2xlc5RdlH2UKIwEbmFtZZSMAnNolIwFaW1hZ2WUjAdidXN5Ym94lIwKZW50cnlw"
+    "b2ludJRoDIwEYXJnc5RdlCiMAi1jlIweZWNobyBvdXQ7IGVjaG8gZXJyID4mMjsgZXhpdCAzlGWMA2VudpR9lIwBS5SMAXaUc4wM"
+    "bnVtX3JlcGxpY2FzlEsBjAttYXhfcmV0cmllc5RLAHVhjAhyZXBsaWNhc5RdlH2UKIwEcm9sZZRoDIwCaWSUSwBoC4wXb2xkLXg3"
+    "azNkM2NkbXhkMmNjLXNoLTCUjAlleGl0X2NvZGWUSwOMCHJlc3RhcnRzlEsAjARsb3N0lImMBGxvZ3OUiIwFZXJyb3KUaAZ1YXUu"
+    "lHN1Lg=="
+)
+
+
+def test_a_format_1_session_file_stays_readable_and_is_upgraded(
+    make: Callable[..., PersistentDockerScheduler], state_dir: str
+) -> None:
+    import base64
+
+    old = "old-x7k3d3cdmxd2cc"
+    logs = Path(state_dir) / "v1.logs" / old
+    logs.mkdir(parents=True, mode=0o700)
+    (logs / "sh.0.stdout").write_bytes(b"2026-11-30T01:13:26.807029612Z out\n")
+    (logs / "sh.0.stderr").write_bytes(b"2026-11-30T01:13:26.807142620Z err\n")
+    path = Path(state_dir) / "v1.pickle"
+    path.write_bytes(base64.b64decode(FORMAT_1_FILE))
+    path.chmod(0o600)
+
+    scheduler = make(session="v1")
+    desc = scheduler.describe(old)
+    assert (desc.state, desc.msg) == (AppState.FAILED, "sh/0 exited with code 3")
+    assert (desc.roles[0].entrypoint, desc.roles[0].env) == ("sh", {"K": "v"})
+    assert list(scheduler.log_iter(old, "sh")) == ["out\n", "err\n"]
+    native = scheduler.describe_native(old)
+    c = native.request.containers[0]
+    assert (c.image, c.command) == ("busybox", ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert c.kwargs == {"name": f"{old}-sh-0", "environment": {"K": "v"}}
+
+    new = submit(scheduler, role("r", "true"))
+    wait_for(scheduler, new)
+    with path.open("rb") as f:
+        data = docker_scheduler._RestrictedUnpickler(f).load()
+    assert data["format"] == docker_scheduler.FORMAT_VERSION == 2
+    assert {a.app_id for a in make(session="v1").list()} == {old, new}
+
+
+# ---------------------------------------------------------------------------
 # Scheduler: close, detach and garbage collection
 # ---------------------------------------------------------------------------
 
@@ -779,7 +961,7 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
         handle = run.stdout.strip().splitlines()[-1]
         handles.append(handle)
         assert handle.startswith("local_docker_persistent://torchx/echo-")
-        assert "echo/0 hello" in run.stderr and "Job finished: SUCCEEDED" in run.stderr
+        assert "echo/0 hello" in run.stderr and "job finished: succeeded" in run.stderr.lower()
         status = _torchx("status", handle, cwd=work, env=env)
         assert "State: SUCCEEDED" in status.stdout, status.stderr
         logs = _torchx("log", handle, cwd=work, env=env)
@@ -836,6 +1018,104 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
                 c.remove(force=True)
         for image_id in built:  # the workspace image torchx built for the run
             client.images.remove(image_id, force=True)
+
+
+def test_cli_delete_forgets_the_app(client: docker.DockerClient, image: str, tmp_path: Path) -> None:
+    if not hasattr(Scheduler, "delete"):
+        pytest.skip(
+            "torchx 0.7's CLI has no `torchx delete` (torchx main's has); delete() is tested directly"
+        )
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    run = _torchx(
+        "run", "--workspace", "", "-s", "local_docker_persistent", "-cfg", "image_pull=missing",
+        "utils.echo", "--image", "busybox", "--msg", "bye", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    handle = run.stdout.strip().splitlines()[-1]
+    app_id = handle.rsplit("/", 1)[-1]
+    try:
+        deleted = _torchx("delete", handle, cwd=tmp_path, env=env)
+        assert deleted.returncode == 0, deleted.stderr
+        assert container_names(client, app_id) == []
+        assert "State:" not in _torchx("status", handle, cwd=tmp_path, env=env).stdout
+        assert handle not in _torchx("list", "-s", "local_docker_persistent", cwd=tmp_path, env=env).stdout
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
+            c.remove(force=True)
+
+
+def test_runopts_show_every_option_with_its_help(tmp_path: Path) -> None:
+    shown = _torchx("runopts", "local_docker_persistent", cwd=tmp_path, env=dict(os.environ))
+    assert shown.returncode == 0, shown.stderr
+    for name, words in [
+        ("copy_env", "glob patterns"),
+        ("env", "environment variables"),
+        ("privileged", "elevated permissions"),
+        ("image_pull", "when to pull each role's image"),
+        ("remove_on_exit", "remove each container once"),
+        ("image_repo", "image repository"),
+        ("quiet", "suppress verbose"),
+    ]:
+        found = re.search(rf"^\s+{name}=\S+ \(.*\)\n(.*)$", shown.stdout, re.M)
+        assert found and words in found.group(1).lower(), (name, shown.stdout)
+
+
+def test_every_run_option_reaches_the_containers(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DS_COPIED_1", "one")
+    scheduler = make()
+    app = specs.AppDef("opts", roles=[role("r", "env | sort", env={"ROLE_VAR": "r"})])
+    cfg = {"image_pull": "never", "copy_env": ["DS_COPIED_*"], "env": {"CFG_VAR": "c"}}
+    # This sandbox refuses to start privileged containers: the request shows the option arrived.
+    assert (
+        scheduler.submit_dryrun(app, {**cfg, "privileged": True}).request.containers[0].kwargs["privileged"]
+    )
+    app_id = scheduler.schedule(scheduler.submit_dryrun(app, cfg))
+    assert client.api.inspect_container(f"{app_id}-r-0")["HostConfig"]["Privileged"] is False
+    wait_for(scheduler, app_id)
+    out = "".join(scheduler.log_iter(app_id, "r"))
+    assert {"DS_COPIED_1=one", "CFG_VAR=c", "ROLE_VAR=r"} <= set(out.split())
+    desc = scheduler.describe(app_id)
+    assert desc.roles[0].env == {"ROLE_VAR": "r"}  # the role as submitted, on every torchx
+    removing = submit(scheduler, role("r", "true"), remove_on_exit=True)
+    wait_for(scheduler, removing)
+    assert container_names(client, removing) == []
+    with pytest.raises(ValueError, match="image_pull='sometimes'"):
+        submit(scheduler, role("r", "true"), image_pull="sometimes")
+
+
+def _readme_command(scheduler: str) -> list[str]:
+    """The README's `torchx run -s <scheduler> ...` line, split like a shell would."""
+    text = (ROOT / "README.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"torchx run -s {scheduler} "))
+    return shlex.split(line)
+
+
+@pytest.mark.parametrize("scheduler", ["kubernetes", "slurm"])
+def test_the_readme_appdef_dry_runs_on_cluster_schedulers(scheduler: str) -> None:
+    from torchx.runner import get_runner
+
+    words = _readme_command(scheduler)
+    cfg_at = words.index("-cfg")
+    component, args = words[cfg_at + 2], words[cfg_at + 3 :]
+    with get_runner() as runner:
+        cfg = dict(runner.scheduler_run_opts(scheduler).cfg_from_str(words[cfg_at + 1]))
+        if scheduler == "kubernetes":
+            cfg["validate_spec"] = False  # torchx main asks the cluster to validate; there is none here
+        info = runner.dryrun_component(component, args, scheduler=scheduler, cfg=cfg)
+    assert component == "utils.echo" and args[args.index("--msg") + 1] == "hello"
+    if scheduler == "kubernetes":
+        container = info.request.resource["spec"]["tasks"][0]["template"].spec.containers[0]
+        assert container.image == args[args.index("--image") + 1]
+        assert container.command == ["echo", "hello"]
+        assert info.request.resource["spec"]["queue"] == "default"
+    else:  # slurm runs no container: the image only fills ${img_root}
+        (replica,) = info.request.replicas.values()
+        assert (replica.entrypoint, replica.args) == ("echo", ["hello"])
+        assert replica.sbatch_opts["partition"] == "gpu"
 
 
 # ---------------------------------------------------------------------------
