@@ -51,15 +51,11 @@ import shutil
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    TypedDict,
-    cast,
-)
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import docker
 import docker.types
@@ -285,6 +281,27 @@ class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
     )
     remove_on_exit: bool = _option(
         False, bool, "remove each container once its exit code and logs are recorded in the session"
+    )
+    shm_size: str | None = _option(
+        None,
+        str,
+        "size of /dev/shm in every container, in Docker's size syntax (`256m`, `16g`, or bytes), as "
+        "`docker run --shm-size`; PyTorch DataLoader workers and NCCL need more than Docker's 64m. "
+        "Overrides the size local_docker derives from a role's memMB; unset, that stays",
+    )
+    ipc_mode: str | None = _option(
+        None,
+        str,
+        "IPC namespace of every container, as `docker run --ipc`: `private`, `shareable`, `host`, "
+        "`none` or `container:<name>`",
+    )
+    ulimits: list[str] | None = _option(
+        None,
+        typing.List[str],  # noqa: UP006  torchx 0.7 parses an option typed exactly so as a list
+        "resource limits of every container, each `name=soft[:hard]` as `docker run --ulimit` "
+        "(one value sets both; -1 is unlimited), e.g. nofile=1024:2048. Within torchx's -cfg string, "
+        "where `=` and `,` separate options, write `name:soft[:hard]`: "
+        "ulimits=memlock:-1,stack:67108864",
     )
 
     @classmethod
@@ -899,6 +916,68 @@ def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAp
     )
 
 
+_IPC_MODE = re.compile(r"private|shareable|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+_ULIMIT = re.compile(r"([a-z]+)[=:](-?\d+)(?::(-?\d+))?")
+# The rlimits Docker knows by name (`docker run --ulimit`).
+_ULIMIT_NAMES = frozenset(
+    {"as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss"}
+    | {"rtprio", "rttime", "sigpending", "stack"}
+)
+
+
+def _shm_size(value: Any) -> str:
+    example = "use Docker's size syntax, e.g. shm_size=256m or shm_size=16g"
+    try:
+        size = docker.utils.parse_bytes(str(value))
+    except DockerException as e:
+        raise ValueError(
+            f"shm_size={value!r} is not a size ({e}): use Docker's size syntax, {example}"
+        ) from e
+    if size <= 0:
+        raise ValueError(f"shm_size={value!r} must be more than 0 bytes: {example}")
+    return str(value)
+
+
+def _ulimit(entry: str) -> docker.types.Ulimit:
+    example = "e.g. nofile=1024:2048 or memlock=-1 (within -cfg: nofile:1024:2048)"
+    match = _ULIMIT.fullmatch(entry.strip())
+    if match is None:
+        raise ValueError(f"ulimits entry {entry!r} is not name=soft[:hard] with whole numbers: {example}")
+    name, soft, hard = match.group(1), int(match.group(2)), int(match.group(3) or match.group(2))
+    if name not in _ULIMIT_NAMES:
+        raise ValueError(
+            f"ulimits entry {entry!r} names no limit Docker knows: "
+            f"use one of {', '.join(sorted(_ULIMIT_NAMES))}, {example}"
+        )
+    if hard != -1 and (soft == -1 or soft > hard):
+        raise ValueError(f"ulimits entry {entry!r} has a soft limit above its hard limit: {example}")
+    return docker.types.Ulimit(name=name, soft=soft, hard=hard)
+
+
+def _container_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``docker create`` kwargs that shm_size, ipc_mode and ulimits ask for, checked first.
+
+    Raises:
+        ValueError: naming the option, the value and a valid example.
+    """
+    kwargs: dict[str, Any] = {}
+    if cfg.get("shm_size") not in (None, ""):
+        kwargs["shm_size"] = _shm_size(cfg["shm_size"])
+    ipc_mode = cfg.get("ipc_mode")
+    if ipc_mode not in (None, ""):
+        if not isinstance(ipc_mode, str) or not _IPC_MODE.fullmatch(ipc_mode):
+            raise ValueError(
+                f"ipc_mode={ipc_mode!r} is not one of private, shareable, host, none or container:<name>: "
+                "e.g. ipc_mode=host"
+            )
+        kwargs["ipc_mode"] = ipc_mode
+    ulimits = cfg.get("ulimits")
+    if ulimits:
+        entries = [ulimits] if isinstance(ulimits, str) else list(ulimits)
+        kwargs["ulimits"] = [_ulimit(str(entry)) for entry in entries]
+    return kwargs
+
+
 def _validate_app(app: AppDef) -> None:
     if not app.roles:
         raise ValueError(f"app {app.name!r} has no roles: add at least one specs.Role")
@@ -1012,6 +1091,7 @@ class PersistentDockerScheduler(DockerScheduler):
         policy = cfg.get("image_pull") or "always"
         if policy not in IMAGE_PULL_POLICIES:
             raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
+        options = _container_options(cfg)
         info = super()._submit_dryrun(app, cast(Any, cfg))
         job = info.request
         for name in [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)]:
@@ -1022,6 +1102,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 )
         for c in job.containers:
             c.kwargs["labels"][LABEL_SESSION] = self.session_name  # type: ignore[index]
+            c.kwargs.update(copy.deepcopy(options))
         return info
 
     def schedule(self, dryrun_info: _DryRun) -> str:

@@ -813,6 +813,126 @@ def test_a_format_1_session_file_stays_readable_and_is_upgraded(
 
 
 # ---------------------------------------------------------------------------
+# Scheduler: container options for training (shm_size, ipc_mode, ulimits)
+# ---------------------------------------------------------------------------
+
+PROBE = "df -k /dev/shm | tail -n 1; ulimit -n; ulimit -Hn; ulimit -s"
+
+
+def test_container_options_reach_docker_and_the_container(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    memory = specs.Resource(cpu=-1, gpu=0, memMB=128)
+    cfg = {"shm_size": "256m", "ipc_mode": "shareable", "ulimits": ["nofile=1024:2048", "stack=67108864"]}
+    app_id = submit(scheduler, role("r", PROBE, resource=memory), **cfg)
+    host = client.api.inspect_container(f"{app_id}-r-0")["HostConfig"]
+    assert (host["ShmSize"], host["IpcMode"], host["Memory"]) == (256 * 2**20, "shareable", 128 * 2**20)
+    assert host["Ulimits"] == [
+        {"Name": "nofile", "Soft": 1024, "Hard": 2048},
+        {"Name": "stack", "Soft": 67108864, "Hard": 67108864},
+    ]
+    wait_for(scheduler, app_id)
+    shm, soft, hard, stack = list(scheduler.log_iter(app_id, "r"))
+    assert shm.split()[1] == "262144" and shm.split()[-1] == "/dev/shm"
+    assert (soft, hard, stack) == ("1024\n", "2048\n", "65536\n")
+    kwargs = scheduler.describe_native(app_id).request.containers[0].kwargs
+    assert (kwargs["shm_size"], kwargs["ipc_mode"]) == ("256m", "shareable")
+    assert kwargs["ulimits"] == [
+        docker.types.Ulimit(name="nofile", soft=1024, hard=2048),
+        docker.types.Ulimit(name="stack", soft=67108864, hard=67108864),
+    ]
+    assert isinstance(kwargs["ulimits"][0], docker.types.Ulimit)
+
+    # Unset, torchx's own behaviour stays: /dev/shm follows memMB.
+    plain = submit(scheduler, role("r", PROBE, resource=memory))
+    host = client.api.inspect_container(f"{plain}-r-0")["HostConfig"]
+    assert (host["ShmSize"], host["IpcMode"], host["Ulimits"]) == (128 * 2**20, "private", None)
+
+
+@pytest.mark.parametrize(
+    "option, value, example",
+    [
+        ("shm_size", "lots", "shm_size=256m"),
+        ("shm_size", "0", "shm_size=256m"),
+        ("ipc_mode", "sideways", "ipc_mode=host"),
+        ("ulimits", ["nofile=abc"], "nofile=1024:2048"),
+        ("ulimits", ["nofile=1024:2048", "bogus=1"], "nofile=1024:2048"),
+        ("ulimits", ["nofile=2048:1024"], "nofile=1024:2048"),
+    ],
+)
+def test_bad_container_options_are_value_errors_before_anything_is_created(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    option: str,
+    value: Any,
+    example: str,
+) -> None:
+    scheduler = make()
+    with pytest.raises(ValueError) as raised:
+        submit(scheduler, role("r", "true"), **{option: value})
+    shown = value if isinstance(value, str) else value[-1]
+    assert option in str(raised.value) and repr(shown) in str(raised.value)
+    assert example in str(raised.value)
+    assert (
+        client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
+    )
+    assert not os.path.exists(scheduler.session_file)
+
+
+def test_readme_training_example_runs_from_a_copied_file(
+    client: docker.DockerClient, image: str, tmp_path: Path
+) -> None:
+    session = f"train-{uuid.uuid4().hex[:8]}"
+    shutil.copy(ROOT / "docker_scheduler.py", tmp_path / "docker_scheduler.py")
+    code = _readme_blocks("## Training with PyTorch", 1).replace('"training"', repr(session))
+    (tmp_path / "train.py").write_text(code)
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    try:
+        run = subprocess.run(
+            [sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert [line.split(",")[0] for line in lines[::3]] == ["node 0 of 2", "node 1 of 2"]
+        assert all(line.endswith("-train-0") for line in lines[::3])
+        assert [line.split()[1] for line in lines[1::3]] == ["1048576"] * 2
+        assert lines[2::3] == ["1024"] * 2
+    finally:
+        remove_session_containers(client, session)
+
+
+def test_readme_cli_options_string_reaches_the_container(
+    client: docker.DockerClient, image: str, tmp_path: Path
+) -> None:
+    text = (ROOT / "README.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("torchx run") and "ulimits=" in x)
+    words = shlex.split(line)
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    run = _torchx(*words[1:], cwd=tmp_path, env=env)
+    handle = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    app_id = handle.rsplit("/", 1)[-1]
+    try:
+        assert run.returncode == 0, run.stderr
+        host = client.api.inspect_container(f"{app_id}-sh-0")["HostConfig"]
+        assert (host["ShmSize"], host["IpcMode"]) == (256 * 2**20, "shareable")
+        assert [(u["Name"], u["Soft"], u["Hard"]) for u in host["Ulimits"]] == [
+            ("nofile", 1024, 2048),
+            ("stack", 67108864, 67108864),
+        ]
+        out = run.stderr.splitlines()
+        assert any(x.startswith("sh/0 shm") and " 262144 " in x for x in out), run.stderr
+        assert [x for x in out if x in ("sh/0 1024", "sh/0 2048", "sh/0 65536")] == [
+            "sh/0 1024",
+            "sh/0 2048",
+            "sh/0 65536",
+        ]
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
+            c.remove(force=True)
+
+
+# ---------------------------------------------------------------------------
 # Scheduler: close, detach and garbage collection
 # ---------------------------------------------------------------------------
 
