@@ -54,7 +54,7 @@ import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import docker
@@ -124,6 +124,8 @@ _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 # A listed container's Status reads e.g. "Exited (137) 3 seconds ago".
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
 _ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
+# A record's state while schedule() starts its containers (written before the first one).
+_STARTING = AppState.SUBMITTED.name
 # At most this many containers are created and started at once.
 _START_WORKERS = 8
 
@@ -160,6 +162,8 @@ class ReplicaEnd(TypedDict, total=False):
     lost: bool
     logs: bool
     error: str
+    ended: float | None
+    log_error: str
 
 
 class ReplicaRecord(TypedDict):
@@ -171,9 +175,11 @@ class ReplicaRecord(TypedDict):
     exit_code: int | None
     restarts: int
     lost: bool
-    logs: bool
+    logs: bool  # stdout and stderr are in the log directory
     error: str
     request: ContainerRequest | None  # None in records of format 1 and for apps only Docker knew
+    ended: float | None  # when the replica's end was seen (Docker's finish time where it has one)
+    log_error: str  # why its logs are not recorded yet; the container is kept until they are
 
 
 class AppRecord(TypedDict):
@@ -378,8 +384,10 @@ def _decode(app_id: str, blob: Any) -> AppRecord:
         raise _CorruptSession(f"record for {app_id!r}: {type(e).__name__}: {e}") from e
     if not isinstance(record, dict) or not isinstance(record.get("replicas"), list):
         raise _CorruptSession(f"malformed record for {app_id!r}")
-    for rep in record["replicas"]:
-        rep.setdefault("request", None)  # format 1 kept no request
+    for rep in record["replicas"]:  # format 1 kept none of these
+        rep.setdefault("request", None)
+        rep.setdefault("ended", None)
+        rep.setdefault("log_error", "")
     return cast(AppRecord, record)
 
 
@@ -680,6 +688,8 @@ def _replica_record(
         "logs": False,
         "error": "",
         "request": request,
+        "ended": None,
+        "log_error": "",
     }
 
 
@@ -840,6 +850,57 @@ def _is_final(rep: ReplicaRecord) -> bool:
     return rep["exit_code"] is not None or bool(rep["lost"])
 
 
+def _logs_pending(rep: ReplicaRecord) -> bool:
+    """Whether the replica ended but its logs could not be recorded yet (they are retried)."""
+    return _is_final(rep) and not rep["logs"] and bool(rep["log_error"])
+
+
+def _with_ends(record: AppRecord, ended: dict[str, ReplicaEnd]) -> AppRecord:
+    """A copy of ``record`` with what was learnt of ended replicas, out of the starting state."""
+    fresh = copy.deepcopy(record)
+    fresh["replicas"] = [
+        {**rep, **ended[rep["name"]]}
+        if rep["name"] in ended and (not _is_final(rep) or _logs_pending(rep))
+        else rep
+        for rep in fresh["replicas"]
+    ]
+    if fresh["state"] == _STARTING:
+        fresh["state"] = None
+    return fresh
+
+
+def _finished_at(stamp: Any) -> float:
+    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
+    try:
+        finished = datetime.fromisoformat(str(stamp)[:19]).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return time.time()
+    return finished if finished > 0 else time.time()
+
+
+def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
+    """Why logs could not be recorded, and what fixes it."""
+    if isinstance(error, OSError) and not isinstance(error, requests.exceptions.RequestException):
+        return f"{error.strerror or error} in {log_dir}", "free space there or make it writable"
+    if isinstance(error, docker.errors.APIError) and error.status_code == 501:
+        return (
+            f"Docker cannot read them back: {error.explanation}",
+            "run it with a logging driver Docker can read (json-file, local, journald) or turn on the "
+            "daemon's dual logging; until then `docker logs` cannot show them either",
+        )
+    return f"{type(error).__name__}: {error}", "check that the Docker daemon answers"
+
+
+def _asks_docker(record: AppRecord) -> bool:
+    """Whether Docker has something for the record: a replica still going, or logs to record."""
+    return not _settled(record) or any(_logs_pending(rep) for rep in record["replicas"])
+
+
+def _ended_at(record: AppRecord) -> float:
+    """When the last replica's end was seen; records of format 1 fall back to their creation."""
+    return max((rep["ended"] or record["created"] for rep in record["replicas"]), default=record["created"])
+
+
 def _settled(record: AppRecord) -> bool:
     """Whether nothing about the app can change any more."""
     return all(_is_final(r) for r in record["replicas"])
@@ -855,8 +916,8 @@ def _replica_state(rep: ReplicaRecord, live: dict[str, AppState], cancelled: boo
             return AppState.SUCCEEDED
         # An app is only marked cancelled while none of its replicas had failed.
         return AppState.CANCELLED if cancelled else AppState.FAILED
-    if rep["lost"]:
-        return AppState.UNKNOWN
+    if rep["lost"]:  # its exit code is gone: never SUCCEEDED, and terminal, so waits end
+        return AppState.CANCELLED if cancelled else AppState.FAILED
     return live.get(rep["name"], AppState.UNKNOWN)
 
 
@@ -905,7 +966,10 @@ def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAp
             verb = "was stopped" if cancelled else "exited"
             problems.append(f"{rep['role']}/{rep['id']} {verb} with code {rep['exit_code']}{rep['error']}")
         elif rep["lost"]:
-            problems.append(f"{rep['role']}/{rep['id']}: container {rep['name']} vanished before it exited")
+            why = rep["error"] or "vanished before its exit code could be read"
+            problems.append(f"{rep['role']}/{rep['id']}: container {rep['name']} {why}")
+        if _logs_pending(rep):
+            problems.append(f"{rep['role']}/{rep['id']}: logs not recorded yet ({rep['log_error']})")
     return DescribeAppResponse(
         app_id=record["app_id"],
         state=_app_state(record["state"], states),
@@ -1015,11 +1079,17 @@ class PersistentDockerScheduler(DockerScheduler):
     and differs where that one forgets:
 
     * ``describe`` reports CANCELLED for cancelled apps, FAILED when any replica
-      failed, SUCCEEDED only when every replica succeeded, UNKNOWN when a container
-      vanished before its exit was seen, and ``None`` for an app id nobody knows.
+      failed or its container vanished before its exit code was seen (a terminal
+      state, so waits end), SUCCEEDED only when every replica succeeded, and
+      ``None`` for an app id nobody knows.
     * When a replica ends, its exit code goes into the session file and its
       stdout and stderr into files beside it; ``describe``, ``log_iter`` and
       ``list`` serve them from there after the containers are gone, in any process.
+    * Side paths degrade, never break: logs that cannot be recorded (a logging
+      driver Docker cannot read back, a full or read-only disk) leave the exit
+      code recorded and the container in place, and are retried; ``schedule``
+      records the app before it creates anything. :py:meth:`delete` and
+      :py:meth:`prune` forget apps.
 
     State lives in ``state_dir``: the ``state_dir`` argument, else the
     ``DOCKER_SCHEDULER_STATE_DIR`` environment variable, else
@@ -1061,6 +1131,7 @@ class PersistentDockerScheduler(DockerScheduler):
         self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
         self._client: DockerClient | None = None
         self._scheduled: list[str] = []
+        self._warned: set[tuple[str, str]] = set()
         self._closed = False
 
     @property
@@ -1106,23 +1177,77 @@ class PersistentDockerScheduler(DockerScheduler):
         return info
 
     def schedule(self, dryrun_info: _DryRun) -> str:
-        """Starts every replica's container, then records the app.
+        """Records the app, starts every replica's container, then records that they started.
 
+        The record is written first, in state SUBMITTED: when it cannot be
+        written, nothing is created and the error names the state directory.
         When a container cannot start, the ones already started are removed,
         the app is recorded FAILED with the reason, and the error is raised.
+        A process that dies in between leaves a record that the next reader
+        reconciles with the app's containers.
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
         record = _record_from_job(job, app)
         record["remove_on_exit"] = bool(cfg.get("remove_on_exit", False))
+        record["state"] = _STARTING
         with _reaching_docker():
             client = self._docker_client
             self._prepare_images({c.image for c in job.containers}, cfg.get("image_pull") or "always")
             ensure_network(client)
-            self._start_all(job, record)
-        self._save(record)
+        with self._starting(job.app_id):
+            try:
+                self._save(copy.deepcopy(record))  # the store shares what it holds: keep ours apart
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._log_dir(job.app_id))
+                raise type(e)(
+                    e.errno,
+                    f"cannot record app {job.app_id} in {self.state_dir} ({e.strerror}), so nothing was "
+                    "started: free space there, make it writable, or pass another state_dir",
+                ) from e
+            with _reaching_docker():
+                self._start_all(job, record)
+            record["state"] = None
+            self._save_or_warn(record, "its containers started")
         self._scheduled.append(job.app_id)
         return job.app_id
+
+    @contextlib.contextmanager
+    def _starting(self, app_id: str) -> Iterator[None]:
+        """Holds the app's start lock: readers leave a record in state SUBMITTED alone while it is held.
+
+        The lock is a ``flock`` on the app's log directory, so it dies with the
+        process that holds it.
+        """
+        log_dir = self._log_dir(app_id)
+        try:
+            os.makedirs(log_dir, mode=0o700, exist_ok=True)
+            fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise type(e)(
+                e.errno,
+                f"cannot create {log_dir} ({e.strerror}), so nothing was started: "
+                "free space in the state directory, make it writable, or pass another state_dir",
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _start_in_progress(self, app_id: str) -> bool:
+        try:
+            fd = os.open(self._log_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def _start_all(self, job: DockerJob, record: AppRecord) -> None:
         client = self._docker_client
@@ -1147,11 +1272,29 @@ class PersistentDockerScheduler(DockerScheduler):
         )
         record["state"], record["msg"] = AppState.FAILED.name, reason
         for rep in record["replicas"]:
-            rep["lost"] = True
-        self._save(record)
+            rep["lost"], rep["ended"], rep["error"] = (
+                True,
+                time.time(),
+                "was removed: the app could not start",
+            )
+        self._save_or_warn(record, "it could not start")
         raise RuntimeError(
             f"{reason}. Removed the app's other containers; it is recorded as FAILED"
         ) from error
+
+    def _save_or_warn(self, record: AppRecord, what: str) -> None:
+        """Saves a record whose earlier version is written; if this fails, the next reader reconciles."""
+        try:
+            self._save(record)
+        except OSError as e:
+            log.warning(
+                "app %s: could not record that %s in %s (%s); the next describe or list reconciles "
+                "its record with its containers",
+                record["app_id"],
+                what,
+                self.state_dir,
+                e,
+            )
 
     def _prepare_images(self, images: Iterable[str], policy: str) -> None:
         for image in sorted(images):
@@ -1219,46 +1362,63 @@ class PersistentDockerScheduler(DockerScheduler):
         """Looks at an unfinished app's containers with one Docker request.
 
         Replicas that ended get their exit code and logs harvested and recorded;
-        replicas whose container vanished are recorded lost. Returns the fresh
-        record and the live states of the replicas still going.
+        replicas whose container vanished are recorded lost; logs that could not
+        be recorded before are tried again. A record left in state SUBMITTED by
+        a process that died while starting it is reconciled with the containers
+        that exist. Returns the fresh record and the live states of the
+        replicas still going. Harvesting logs never raises.
         """
+        app_id = record["app_id"]
         if containers is None:
-            containers = self._containers(LABEL_APP_ID, record["app_id"])
+            containers = self._containers(LABEL_APP_ID, app_id)
         by_name = {_container_name(c): c for c in containers}
         live: dict[str, AppState] = {}
+        starting = record["state"] == _STARTING
+        if starting and self._start_in_progress(app_id):
+            for name, listed in by_name.items():
+                live[name] = CONTAINER_STATE.get(listed["State"], AppState.UNKNOWN)
+            return record, live
         ended: dict[str, ReplicaEnd] = {}
         for rep in record["replicas"]:
-            if _is_final(rep):
-                continue
             c = by_name.get(rep["name"])
-            if c is None:
-                ended[rep["name"]] = {"lost": True}
+            if _logs_pending(rep):
+                ended[rep["name"]] = self._harvest_logs(app_id, rep) if c else self._logs_lost(rep)
+            elif _is_final(rep):
+                continue
+            elif c is None:
+                why = "was never created: the process starting the app ended first" if starting else ""
+                ended[rep["name"]] = {"lost": True, "ended": time.time(), "error": why}
             elif c["State"] in ("exited", "dead"):
-                ended[rep["name"]] = self._harvest(record["app_id"], rep)
+                ended[rep["name"]] = self._harvest(app_id, rep)
             else:
                 live[rep["name"]] = CONTAINER_STATE.get(c["State"], AppState.UNKNOWN)
-        if ended:
-            record = self._record_ends(record["app_id"], ended)
+        if ended or starting:
+            record = self._record_ends(record, ended)
         return record, live
 
     def _harvest(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd:
         """Reads an ended replica's exit code, then streams its logs to files."""
-        api = self._docker_client.api
         try:
-            inspected = api.inspect_container(rep["name"])
+            inspected = self._docker_client.api.inspect_container(rep["name"])
         except NotFound:
-            return {"lost": True}
+            return {"lost": True, "ended": time.time()}
         state = inspected["State"]
         end: ReplicaEnd = {
             "exit_code": int(state["ExitCode"]),
             "restarts": int(inspected.get("RestartCount") or 0),
             "error": " (out of memory)" if state.get("OOMKilled") else "",
+            "ended": _finished_at(state.get("FinishedAt")),
         }
         if state.get("Error"):
             end["error"] += f" ({state['Error']})"
-        log_dir = self._log_dir(app_id)
-        os.makedirs(log_dir, mode=0o700, exist_ok=True)
+        end.update(self._harvest_logs(app_id, rep))
+        return end
+
+    def _harvest_logs(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd:
+        """Streams an ended replica's stdout and stderr to files; a failure is returned, not raised."""
+        api, log_dir = self._docker_client.api, self._log_dir(app_id)
         try:
+            os.makedirs(log_dir, mode=0o700, exist_ok=True)
             for stream in ("stdout", "stderr"):
                 frames = api.logs(
                     rep["name"],
@@ -1269,24 +1429,56 @@ class PersistentDockerScheduler(DockerScheduler):
                     follow=False,
                 )
                 _harvest_stream(frames, _log_file(log_dir, rep, stream))
-            end["logs"] = True
         except NotFound:
-            log.warning("container %s was removed before its logs were read", rep["name"])
-        return end
+            return self._logs_lost(rep)
+        except (DockerException, OSError, requests.exceptions.RequestException) as e:
+            reason, fix = _harvest_failure(e, log_dir)
+            self._warn_once(
+                rep["name"],
+                reason,
+                "could not record the logs of container %s (%s): its exit code is recorded and the "
+                "container is kept until they are; %s. The next describe, list, log_iter or close "
+                "tries again",
+                rep["name"],
+                reason,
+                fix,
+            )
+            return {"logs": False, "log_error": reason}
+        return {"logs": True, "log_error": ""}
+
+    def _logs_lost(self, rep: ReplicaRecord) -> ReplicaEnd:
+        log.warning("container %s was removed before its logs were recorded; they are lost", rep["name"])
+        return {"logs": False, "log_error": ""}
+
+    def _warn_once(self, subject: str, cause: str, message: str, *args: Any) -> None:
+        if (subject, cause) not in self._warned:
+            self._warned.add((subject, cause))
+            log.warning(message, *args)
 
     def _log_dir(self, app_id: str) -> str:
         if not _CONTAINER_NAME.fullmatch(app_id):  # it names a directory: no separators, no '..'
             raise ValueError(f"app id {app_id!r} cannot name a log directory")
         return os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
 
-    def _record_ends(self, app_id: str, ended: dict[str, ReplicaEnd]) -> AppRecord:
-        with self._store.update() as apps:
-            record = copy.deepcopy(apps[app_id])
-            record["replicas"] = [
-                {**rep, **ended[rep["name"]]} if rep["name"] in ended and not _is_final(rep) else rep
-                for rep in record["replicas"]
-            ]
-            apps[app_id] = record
+    def _record_ends(self, seen: AppRecord, ended: dict[str, ReplicaEnd]) -> AppRecord:
+        """Records what was learnt of ended replicas; when that write fails, answers from it unrecorded."""
+        app_id = seen["app_id"]
+        try:
+            with self._store.update() as apps:
+                if app_id not in apps:  # deleted meanwhile
+                    return _with_ends(seen, ended)
+                record = _with_ends(apps[app_id], ended)
+                apps[app_id] = record
+        except OSError as e:
+            self._warn_once(
+                app_id,
+                str(e),
+                "could not record the end of app %s in %s (%s); its state comes from Docker until it can",
+                app_id,
+                self.state_dir,
+                e,
+            )
+            record = _with_ends(seen, ended)
         if record["remove_on_exit"]:
             self._remove([r["name"] for r in record["replicas"] if r["name"] in ended and r["logs"]])
         return record
@@ -1314,6 +1506,9 @@ class PersistentDockerScheduler(DockerScheduler):
         live: dict[str, AppState] = {}
         if not _settled(record):
             record, live = self._observe(record)
+        elif _asks_docker(record):
+            with contextlib.suppress(DockerUnavailableError):  # only its logs are missing: retry later
+                record, live = self._observe(record)
         return _describe_record(record, live)
 
     def describe_native(self, app_id: str) -> AppDryRunInfo[DockerJob] | None:
@@ -1350,7 +1545,7 @@ class PersistentDockerScheduler(DockerScheduler):
         found = []
         for app_id, record in sorted(apps.items(), key=lambda item: item[1].get("created", 0)):
             live: dict[str, AppState] = {}
-            if containers is not None and not _settled(record):
+            if containers is not None and _asks_docker(record):
                 record, live = self._observe(record, by_app.get(app_id, []))
             found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
         for app_id, group in by_app.items():
@@ -1385,12 +1580,18 @@ class PersistentDockerScheduler(DockerScheduler):
         wanted = [
             s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
         ]
+        if _logs_pending(rep):  # recording them failed before: try again first
+            with contextlib.suppress(DockerUnavailableError):
+                rep = self._refreshed(app_id, rep)
         lines: Iterator[bytes] | None = None
         if not rep["logs"]:
             try:
                 lines = self._live_lines(rep["name"], wanted, since, until, should_tail)
             except NotFound:  # the container went away: maybe another process harvested it first
                 rep = self._refreshed(app_id, rep)
+            except docker.errors.APIError as e:  # e.g. a logging driver Docker cannot read back
+                log.warning("Docker cannot serve the logs of %s: %s", rep["name"], e.explanation or e)
+                lines = iter(())
         if lines is None and rep["logs"]:
             log_dir = self._log_dir(app_id)
             lines = _harvested_lines([_log_file(log_dir, rep, s) for s in wanted], since, until)
@@ -1505,6 +1706,25 @@ class PersistentDockerScheduler(DockerScheduler):
             apps.pop(app_id, None)
         log.info("deleted app %s from session %s", app_id, self.session_name)
 
+    def prune(self, older_than: timedelta) -> builtins.list[str]:
+        """Deletes, as :py:meth:`delete` does, this session's apps that ended longer ago than ``older_than``.
+
+        An app's end is when its last replica's end was recorded. Apps still
+        pending or running, and other sessions' apps, are never touched.
+
+        Returns:
+            The ids of the apps deleted, oldest first.
+        """
+        cutoff = time.time() - older_than.total_seconds()
+        pruned = []
+        for app_id, record in sorted(self._store.apps().items(), key=lambda item: item[1]["created"]):
+            if not _settled(record):
+                record, _ = self._observe(record)
+            if _settled(record) and _ended_at(record) < cutoff:
+                self.delete(app_id)
+                pruned.append(app_id)
+        return pruned
+
     def _records_for(self, app_id: str) -> AppRecord | None:
         """A record for ``app_id`` built from its containers, or None when Docker has none."""
         return _records_from_containers(self._containers(LABEL_APP_ID, app_id)).get(app_id)
@@ -1544,7 +1764,7 @@ class PersistentDockerScheduler(DockerScheduler):
         record = self._store.apps().get(app_id)
         if record is None:
             return
-        if not _settled(record):
+        if _asks_docker(record):
             record, _ = self._observe(record)
         if not _settled(record):
             self._cancel_existing(app_id)

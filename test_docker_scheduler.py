@@ -389,17 +389,31 @@ def test_exit_code_and_logs_survive_container_removal(
     assert list(fresh.log_iter(app_id, "r")) == ["bye\n"]
 
 
-def test_container_removed_before_exit_reads_unknown(
+def test_container_removed_before_exit_reads_failed_and_ends_waits(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = start_long(scheduler)
+    app_id = start_long(scheduler, replicas=2)
     for name in container_names(client, app_id):
         client.api.remove_container(name, force=True)
+    # torchx's Runner.wait polls until a terminal state: it must end (run_python times out otherwise).
+    seen = run_python(
+        f"""
+        import json
+        from torchx.runner import Runner
+        from docker_scheduler import create_scheduler
+        with Runner({scheduler.session_name!r}, {{"local_docker_persistent": create_scheduler}}) as runner:
+            handle = "local_docker_persistent://{scheduler.session_name}/{app_id}"
+            status = runner.wait(handle, wait_interval=0.2)
+        print(json.dumps([status.state.name, status.msg]))
+        """,
+        scheduler.state_dir,
+    )
+    assert seen[0] == "FAILED"
+    assert f"r/0: container {app_id}-r-0 vanished before its exit code could be read" in seen[1]
     desc = scheduler.describe(app_id)
-    assert desc.state == AppState.UNKNOWN
-    assert "vanished" in desc.msg
-    assert make(session=scheduler.session_name).describe(app_id).state == AppState.UNKNOWN
+    assert desc.state == AppState.FAILED
+    assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.FAILED] * 2
 
 
 def test_recorded_app_is_served_without_docker(make: Callable[..., PersistentDockerScheduler]) -> None:
@@ -524,7 +538,8 @@ def test_logs_of_a_container_removed_before_they_were_read_are_reported_lost(
     with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
         assert list(scheduler.log_iter(app_id, "r")) == []
     assert "logs of" in caplog.text and "are lost" in caplog.text
-    assert scheduler.describe(app_id).state == AppState.UNKNOWN
+    desc = scheduler.describe(app_id)  # its exit code went with the container: never SUCCEEDED
+    assert desc.state == AppState.FAILED and "vanished before its exit code could be read" in desc.msg
 
 
 def test_log_iter_names_the_valid_roles_and_replicas(make: Callable[..., PersistentDockerScheduler]) -> None:
@@ -1458,8 +1473,8 @@ def test_daemon_restart_mid_run_never_reads_succeeded(
             assert time.monotonic() < deadline, f"dockerd did not come back; see {log_path}"
             time.sleep(0.5)
     desc = wait_for(scheduler, app_id)
-    assert desc.state in (AppState.FAILED, AppState.UNKNOWN)
-    assert all(r.state != AppState.SUCCEEDED for r in desc.roles_statuses[0].replicas)
+    assert desc.state == AppState.FAILED
+    assert all(r.state == AppState.FAILED for r in desc.roles_statuses[0].replicas)
 
 
 def test_partial_schedule_removes_started_containers_and_records_failed(
@@ -1561,6 +1576,235 @@ def test_retries_show_restarts_and_fail_only_after_the_last(
     (name,) = container_names(client, app_id)
     assert client.api.inspect_container(name)["RestartCount"] == 2
     assert list(scheduler.log_iter(app_id, "r")) == ["try\n"] * 3
+
+
+# -- degrade, never break: unreadable logs, full and read-only disks, crashes, pruning
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Mounts a tiny tmpfs as a state directory: a real full (or, remounted, read-only) disk."""
+    mounted: list[str] = []
+
+    def mount(size: str = "512k") -> str:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            if CI:
+                pytest.fail(f"CI=true and mounting a tmpfs failed: {done.stderr}")
+            pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+        mounted.append(str(path))
+        return str(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def remount(path: str, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", path], check=True)
+
+
+def fill(path: str) -> None:
+    """Writes into ``path`` until the disk is full."""
+    with contextlib.suppress(OSError), open(os.path.join(path, "filler"), "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+
+
+def test_unreadable_logs_never_break_describe_list_cancel_or_close(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    app = specs.AppDef("nolog", roles=[role("r", "echo unseen; exit 3")])
+    info = scheduler.submit_dryrun(app, {**CFG, "remove_on_exit": True})
+    for c in info.request.containers:  # Docker's `none` driver: logs that cannot be read back
+        c.kwargs["log_config"] = docker.types.LogConfig(type="none")
+    app_id = scheduler.schedule(info)
+    wait_exited(client, app_id)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        for _ in range(3):
+            desc = scheduler.describe(app_id)
+            assert desc.state == AppState.FAILED and "r/0 exited with code 3" in desc.msg
+            assert "logs not recorded yet (Docker cannot read them back" in desc.msg
+        assert [(a.app_id, a.state) for a in scheduler.list()] == [(app_id, AppState.FAILED)]
+        scheduler.cancel(app_id)
+    warnings = [r.getMessage() for r in caplog.records if "could not record the logs" in r.getMessage()]
+    assert len(warnings) == 1 and "logging driver Docker can read" in warnings[0]
+    assert container_names(client, app_id) == [f"{app_id}-r-0"]  # kept, even with remove_on_exit
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert list(scheduler.log_iter(app_id, "r")) == []
+    assert "Docker cannot serve the logs" in caplog.text
+    scheduler._scheduled.append(app_id)  # as if this instance had scheduled it without remove_on_exit
+    scheduler.close()
+    assert container_names(client, app_id) == [f"{app_id}-r-0"]
+    assert make(session=scheduler.session_name).describe(app_id).state == AppState.FAILED
+
+
+def test_a_full_disk_keeps_the_state_and_the_container_until_logs_fit(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    small_disk: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    disk = small_disk("512k")
+    scheduler = make(state_dir=disk)
+    big = "i=0; while [ $i -lt 20000 ]; do echo line-$i-padding-padding-padding; i=$((i+1)); done; exit 3"
+    app_id = submit(scheduler, role("r", big), remove_on_exit=True)
+    wait_exited(client, app_id)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        desc = scheduler.describe(app_id)
+        assert desc.state == AppState.FAILED and "code 3" in desc.msg and "No space left" in desc.msg
+        assert [a.state for a in scheduler.list()] == [AppState.FAILED]
+    assert "No space left on device" in caplog.text and "free space there" in caplog.text
+    assert container_names(client, app_id) == [f"{app_id}-r-0"]
+    assert make(session=scheduler.session_name, state_dir=disk).describe(app_id).state == AppState.FAILED
+    live = list(scheduler.log_iter(app_id, "r"))  # served from Docker while the container is kept
+    assert len(live) == 20000 and live[-1] == "line-19999-padding-padding-padding\n"
+
+    remount(disk, "size=16m")  # the cause is gone: the next describe records the logs
+    desc = scheduler.describe(app_id)
+    assert "logs not recorded" not in desc.msg
+    assert container_names(client, app_id) == []  # remove_on_exit, now that they are recorded
+    assert list(scheduler.log_iter(app_id, "r")) == live
+
+
+def test_schedule_on_a_full_or_read_only_disk_starts_nothing(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    small_disk: Callable[..., str],
+) -> None:
+    full = small_disk("64k")
+    scheduler = make(state_dir=full)
+    fill(full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        submit(scheduler, role("r", "true"))
+    assert full in str(raised.value) and "nothing was started" in str(raised.value)
+    readonly = small_disk("512k")
+    other = make(state_dir=readonly)
+    remount(readonly, "ro")
+    with pytest.raises(OSError, match="Read-only file system") as raised:
+        submit(other, role("r", "true"))
+    assert readonly in str(raised.value) and "nothing was started" in str(raised.value)
+    for s in (scheduler, other):
+        labelled = {"label": f"{LABEL_SESSION}={s.session_name}"}
+        assert client.containers.list(all=True, filters=labelled) == []
+    logs = Path(full) / f"{scheduler.session_name}.logs"
+    assert not logs.exists() or list(logs.iterdir()) == []  # no half-made app directory either
+
+
+def test_an_unwritable_state_dir_still_reports_the_exit_code_from_docker(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    small_disk: Callable[..., str],
+) -> None:
+    disk = small_disk("1m")
+    scheduler = make(state_dir=disk)
+    app_id = start_long(scheduler)
+    remount(disk, "ro")
+    client.api.kill(f"{app_id}-r-0", signal="SIGTERM")
+    wait_exited(client, app_id)
+    desc = scheduler.describe(app_id)
+    assert desc.state == AppState.FAILED and "r/0 exited with code 143" in desc.msg
+    assert [a.state for a in scheduler.list()] == [AppState.FAILED]
+    remount(disk, "rw")
+    assert scheduler.describe(app_id).state == AppState.FAILED
+    fresh = make(session=scheduler.session_name, state_dir=disk)
+    assert fresh._store.apps()[app_id]["replicas"][0]["exit_code"] == 143
+
+
+CRASHER = """
+import os, signal, sys, time
+from torchx import specs
+from docker_scheduler import PersistentDockerScheduler
+session, when = sys.argv[1], sys.argv[2]
+start_all = PersistentDockerScheduler._start_all
+def crash(self, job, record):
+    if when == "slow":
+        time.sleep(3)
+    if when in ("after", "slow"):
+        start_all(self, job, record)
+    os.kill(os.getpid(), signal.SIGKILL)  # between the record and its update
+PersistentDockerScheduler._start_all = crash
+app = specs.AppDef("crash", roles=[specs.Role("r", image="busybox:latest", entrypoint="sleep", args=["300"])])
+PersistentDockerScheduler(session, detach=True).submit(app, {"image_pull": "missing"})
+"""
+
+
+def _crash_while_scheduling(scheduler: PersistentDockerScheduler, when: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CRASHER, scheduler.session_name, when],
+        cwd=ROOT,
+        env={**os.environ, "DOCKER_SCHEDULER_STATE_DIR": scheduler.state_dir},
+        text=True,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _only_app(scheduler: PersistentDockerScheduler, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while not scheduler._store.apps():
+        assert time.monotonic() < deadline, "the crashing process never recorded its app"
+        time.sleep(0.05)
+    (app_id,) = scheduler._store.apps()
+    return app_id
+
+
+def test_a_crash_between_record_and_start_is_reconciled(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    never = make()
+    proc = _crash_while_scheduling(never, "before")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    app_id = _only_app(never)
+    assert never._store.apps()[app_id]["state"] == "SUBMITTED"
+    desc = make(session=never.session_name).describe(app_id)
+    assert desc.state == AppState.FAILED and "was never created" in desc.msg
+    assert container_names(client, app_id) == []
+
+    adopted = make()
+    proc = _crash_while_scheduling(adopted, "slow")
+    app_id = _only_app(adopted)
+    reader = make(session=adopted.session_name)
+    assert reader.describe(app_id).state == AppState.SUBMITTED  # its start is under way: left alone
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    desc = reader.describe(app_id)
+    assert desc.state == AppState.RUNNING, desc.msg
+    assert reader._store.apps()[app_id]["state"] is None
+    reader.cancel(app_id)
+    assert reader.describe(app_id).state == AppState.CANCELLED
+
+
+def test_prune_deletes_old_ended_apps_of_this_session_only(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler, other = make(), make()
+    ended = submit(scheduler, role("r", "echo old"))
+    failed = submit(scheduler, role("r", "exit 2"))
+    elsewhere = submit(other, role("r", "true"))
+    for s, app_id in ((scheduler, ended), (scheduler, failed), (other, elsewhere)):
+        wait_for(s, app_id)
+    running = start_long(scheduler)
+    finished = client.api.inspect_container(f"{ended}-r-0")["State"]["FinishedAt"]
+    recorded = scheduler._store.apps()[ended]["replicas"][0]["ended"]
+    assert abs(recorded - datetime.fromisoformat(finished[:19]).replace(tzinfo=timezone.utc).timestamp()) < 2
+
+    assert scheduler.prune(timedelta(hours=1)) == []
+    time.sleep(1.1)  # the ends must lie before the cutoff
+    assert scheduler.prune(timedelta(seconds=1)) == [ended, failed]
+    assert [a.app_id for a in scheduler.list()] == [running]
+    assert container_names(client, ended) == container_names(client, failed) == []
+    assert scheduler.describe(running).state == AppState.RUNNING
+    assert other.describe(elsewhere).state == AppState.SUCCEEDED
 
 
 # ---------------------------------------------------------------------------
