@@ -124,6 +124,17 @@ _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 # A listed container's Status reads e.g. "Exited (137) 3 seconds ago".
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
 _ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
+# Container states as dockerd names them (torchx's map) and as Podman's API adds them.
+_CONTAINER_STATES: dict[str, AppState] = {
+    **CONTAINER_STATE,
+    "configured": AppState.SUBMITTED,
+    "initialized": AppState.PENDING,
+    "stopping": AppState.RUNNING,
+    # Podman's, between a process's end and either a restart or its clean-up to "exited".
+    "stopped": AppState.PENDING,
+}
+# States of a container that is done: its exit code is final.
+_ENDED = frozenset({"exited", "dead"})
 # A record's state while schedule() starts its containers (written before the first one).
 _STARTING = AppState.SUBMITTED.name
 # At most this many containers are created and started at once.
@@ -544,6 +555,26 @@ def _log_file(log_dir: str, rep: ReplicaRecord, stream: str) -> str:
     return os.path.join(log_dir, f"{rep['role']}.{rep['id']}.{stream}")
 
 
+# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
+# fraction (or prints none) and may print an offset. Harvested lines are rewritten
+# to dockerd's form so that they compare as bytes.
+_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ")
+
+
+def _fixed_stamp(line: bytes) -> bytes:
+    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
+    if line[19:20] == b"." and line[29:31] == b"Z ":
+        return line  # dockerd's own
+    match = _TIMESTAMP.match(line)
+    if match is None:
+        return line
+    base, fraction, zone = match.groups()
+    if zone != b"Z":
+        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
+        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
+    return b"%s.%sZ %s" % (base, (fraction or b"").ljust(9, b"0"), line[match.end() :])
+
+
 def _harvest_stream(frames: Iterable[bytes], dest: str) -> None:
     """Streams one container stream into ``dest``, atomically."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
@@ -551,8 +582,8 @@ def _harvest_stream(frames: Iterable[bytes], dest: str) -> None:
         with os.fdopen(fd, "wb") as f:
             continued = False
             for frame in frames:
-                if continued:  # Docker split a long line: keep its first timestamp only
-                    frame = frame.partition(b" ")[2]
+                # A line Docker split into frames keeps its first timestamp only.
+                frame = frame.partition(b" ")[2] if continued else _fixed_stamp(frame)
                 f.write(frame)
                 continued = not frame.endswith(b"\n")
         os.replace(tmp, dest)
@@ -824,7 +855,7 @@ def _listed_state(container: dict[str, Any]) -> AppState:
         if code is None:
             return AppState.UNKNOWN
         return AppState.SUCCEEDED if code == 0 else AppState.FAILED
-    return CONTAINER_STATE.get(container["State"], AppState.UNKNOWN)
+    return _CONTAINER_STATES.get(container["State"], AppState.UNKNOWN)
 
 
 def _records_from_containers(containers: list[dict[str, Any]]) -> dict[str, AppRecord]:
@@ -882,7 +913,9 @@ def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
     """Why logs could not be recorded, and what fixes it."""
     if isinstance(error, OSError) and not isinstance(error, requests.exceptions.RequestException):
         return f"{error.strerror or error} in {log_dir}", "free space there or make it writable"
-    if isinstance(error, docker.errors.APIError) and error.status_code == 501:
+    if isinstance(error, docker.errors.APIError) and (
+        error.status_code == 501 or "log driver" in str(error.explanation)  # Podman: 500, "'none' log driver"
+    ):
         return (
             f"Docker cannot read them back: {error.explanation}",
             "run it with a logging driver Docker can read (json-file, local, journald) or turn on the "
@@ -1376,7 +1409,7 @@ class PersistentDockerScheduler(DockerScheduler):
         starting = record["state"] == _STARTING
         if starting and self._start_in_progress(app_id):
             for name, listed in by_name.items():
-                live[name] = CONTAINER_STATE.get(listed["State"], AppState.UNKNOWN)
+                live[name] = _CONTAINER_STATES.get(listed["State"], AppState.UNKNOWN)
             return record, live
         ended: dict[str, ReplicaEnd] = {}
         for rep in record["replicas"]:
@@ -1388,21 +1421,28 @@ class PersistentDockerScheduler(DockerScheduler):
             elif c is None:
                 why = "was never created: the process starting the app ended first" if starting else ""
                 ended[rep["name"]] = {"lost": True, "ended": time.time(), "error": why}
-            elif c["State"] in ("exited", "dead"):
-                ended[rep["name"]] = self._harvest(app_id, rep)
-            else:
-                live[rep["name"]] = CONTAINER_STATE.get(c["State"], AppState.UNKNOWN)
+            elif c["State"] not in _ENDED:
+                live[rep["name"]] = _CONTAINER_STATES.get(c["State"], AppState.UNKNOWN)
+            elif (end := self._harvest(app_id, rep)) is not None:
+                ended[rep["name"]] = end
+            else:  # restarted since it was listed
+                live[rep["name"]] = AppState.PENDING
         if ended or starting:
             record = self._record_ends(record, ended)
         return record, live
 
-    def _harvest(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd:
-        """Reads an ended replica's exit code, then streams its logs to files."""
+    def _harvest(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd | None:
+        """Reads an ended replica's exit code, then streams its logs to files.
+
+        Returns None when the container turns out to be going again (restarted since it was listed).
+        """
         try:
             inspected = self._docker_client.api.inspect_container(rep["name"])
         except NotFound:
             return {"lost": True, "ended": time.time()}
         state = inspected["State"]
+        if state.get("Status") not in _ENDED or state.get("Running") or state.get("Restarting"):
+            return None
         end: ReplicaEnd = {
             "exit_code": int(state["ExitCode"]),
             "restarts": int(inspected.get("RestartCount") or 0),
@@ -1695,7 +1735,7 @@ class PersistentDockerScheduler(DockerScheduler):
             )
             return
         self._stop(
-            [_container_name(c) for c in containers if c["State"] not in ("exited", "dead", "created")]
+            [_container_name(c) for c in containers if c["State"] not in _ENDED | {"created", "configured"}]
         )
         with _reaching_docker():
             self._remove([_container_name(c) for c in containers])

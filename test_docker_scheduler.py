@@ -439,7 +439,7 @@ def test_recorded_app_is_served_without_docker(make: Callable[..., PersistentDoc
 # ---------------------------------------------------------------------------
 
 SCRIPT = (
-    "echo o1; sleep 0.3; echo e1 >&2; sleep 1.2; echo o2; sleep 0.3; echo e2 >&2; sleep 1.2; "
+    "echo o1; sleep 0.3; echo e1 >&2; sleep 2.2; echo o2; sleep 0.3; echo e2 >&2; sleep 2.2; "
     "echo o3; printf partial"
 )
 
@@ -448,7 +448,9 @@ def _docker_times(client: docker.DockerClient, name: str) -> dict[str, datetime]
     times = {}
     for line in client.api.logs(name, timestamps=True).decode().splitlines():
         ts, _, text = line.partition(" ")
-        times[text] = datetime.strptime(ts[:26], "%Y-%m-%dT%H:%M:%S.%f")
+        # dockerd prints 9 fraction digits; Podman trims them, or prints none
+        fixed = docker_scheduler._fixed_stamp(f"{ts} ".encode()).decode()
+        times[text] = datetime.strptime(fixed[:26], "%Y-%m-%dT%H:%M:%S.%f")
     return times
 
 
@@ -831,7 +833,18 @@ def test_a_format_1_session_file_stays_readable_and_is_upgraded(
 # Scheduler: container options for training (shm_size, ipc_mode, ulimits)
 # ---------------------------------------------------------------------------
 
-PROBE = "df -k /dev/shm | tail -n 1; ulimit -n; ulimit -Hn; ulimit -s"
+
+def _ulimits(host_config: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """HostConfig.Ulimits as (name, soft, hard); Podman names them RLIMIT_NOFILE and so on."""
+    found = [
+        (u["Name"].lower().removeprefix("rlimit_"), u["Soft"], u["Hard"]) for u in host_config["Ulimits"]
+    ]
+    return sorted(found)
+
+
+PROBE = "df -k /dev/shm | tail -n 1; ulimit -n; ulimit -Hn; ulimit -u; ulimit -s"
+# Podman sets nofile and nproc itself, above what this sandbox lets a container raise, unless named.
+ULIMITS = ["nofile=1024:2048", "nproc=1024:2048", "stack=67108864"]
 
 
 def test_container_options_reach_docker_and_the_container(
@@ -839,22 +852,20 @@ def test_container_options_reach_docker_and_the_container(
 ) -> None:
     scheduler = make()
     memory = specs.Resource(cpu=-1, gpu=0, memMB=128)
-    cfg = {"shm_size": "256m", "ipc_mode": "shareable", "ulimits": ["nofile=1024:2048", "stack=67108864"]}
+    cfg = {"shm_size": "256m", "ipc_mode": "shareable", "ulimits": ULIMITS}
     app_id = submit(scheduler, role("r", PROBE, resource=memory), **cfg)
     host = client.api.inspect_container(f"{app_id}-r-0")["HostConfig"]
     assert (host["ShmSize"], host["IpcMode"], host["Memory"]) == (256 * 2**20, "shareable", 128 * 2**20)
-    assert host["Ulimits"] == [
-        {"Name": "nofile", "Soft": 1024, "Hard": 2048},
-        {"Name": "stack", "Soft": 67108864, "Hard": 67108864},
-    ]
+    assert _ulimits(host) == [("nofile", 1024, 2048), ("nproc", 1024, 2048), ("stack", 67108864, 67108864)]
     wait_for(scheduler, app_id)
-    shm, soft, hard, stack = list(scheduler.log_iter(app_id, "r"))
+    shm, soft, hard, nproc, stack = list(scheduler.log_iter(app_id, "r"))
     assert shm.split()[1] == "262144" and shm.split()[-1] == "/dev/shm"
-    assert (soft, hard, stack) == ("1024\n", "2048\n", "65536\n")
+    assert (soft, hard, nproc, stack) == ("1024\n", "2048\n", "1024\n", "65536\n")
     kwargs = scheduler.describe_native(app_id).request.containers[0].kwargs
     assert (kwargs["shm_size"], kwargs["ipc_mode"]) == ("256m", "shareable")
     assert kwargs["ulimits"] == [
         docker.types.Ulimit(name="nofile", soft=1024, hard=2048),
+        docker.types.Ulimit(name="nproc", soft=1024, hard=2048),
         docker.types.Ulimit(name="stack", soft=67108864, hard=67108864),
     ]
     assert isinstance(kwargs["ulimits"][0], docker.types.Ulimit)
@@ -862,7 +873,8 @@ def test_container_options_reach_docker_and_the_container(
     # Unset, torchx's own behaviour stays: /dev/shm follows memMB.
     plain = submit(scheduler, role("r", PROBE, resource=memory))
     host = client.api.inspect_container(f"{plain}-r-0")["HostConfig"]
-    assert (host["ShmSize"], host["IpcMode"], host["Ulimits"]) == (128 * 2**20, "private", None)
+    assert (host["ShmSize"], bool(host["Ulimits"])) == (128 * 2**20, False)
+    assert host["IpcMode"] in ("private", "shareable")  # the engine's default: dockerd's, Podman's
 
 
 @pytest.mark.parametrize(
@@ -931,8 +943,9 @@ def test_readme_cli_options_string_reaches_the_container(
         assert run.returncode == 0, run.stderr
         host = client.api.inspect_container(f"{app_id}-sh-0")["HostConfig"]
         assert (host["ShmSize"], host["IpcMode"]) == (256 * 2**20, "shareable")
-        assert [(u["Name"], u["Soft"], u["Hard"]) for u in host["Ulimits"]] == [
+        assert _ulimits(host) == [
             ("nofile", 1024, 2048),
+            ("nproc", 1024, 2048),
             ("stack", 67108864, 67108864),
         ]
         out = run.stderr.splitlines()
@@ -1849,7 +1862,8 @@ def registry(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
 
 def push(client: docker.DockerClient, source: str, ref: str) -> None:
     """Pushes ``source`` as ``ref`` and drops the local ``ref`` tag again."""
-    client.images.get(source).tag(ref)
+    repository, _, tag = ref.rpartition(":")
+    client.images.get(source).tag(repository, tag)  # Podman takes no tag inside the repository
     for event in client.api.push(ref, stream=True, decode=True):
         assert "error" not in event, event
     client.images.remove(ref)
@@ -1908,7 +1922,7 @@ def test_image_pull_always_pulls_and_falls_back_to_a_local_copy(
         pulled = submit(scheduler, specs.Role("r", image=pushed, entrypoint="true"), image_pull="always")
     assert f"pulled image {pushed}" in caplog.text
     local_only = f"{registry}/busybox:local-only-{uuid.uuid4().hex[:8]}"
-    client.images.get(IMAGE).tag(local_only)
+    client.images.get(IMAGE).tag(*local_only.rsplit(":", 1))
     try:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="docker_scheduler"):
