@@ -1169,8 +1169,9 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
                 if c.attrs["Config"]["Image"].startswith("sha256:"):
                     built.add(c.attrs["Config"]["Image"])
                 c.remove(force=True)
-        for image_id in built:  # the workspace image torchx built for the run
-            client.images.remove(image_id, force=True)
+        for image_id in built:  # the workspace image torchx built for the run (another run may share it)
+            with contextlib.suppress(NotFound):
+                client.images.remove(image_id, force=True)
 
 
 def test_delete_an_app_the_cli_ran(client: docker.DockerClient, image: str, tmp_path: Path) -> None:
