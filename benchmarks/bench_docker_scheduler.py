@@ -42,6 +42,8 @@ from docker_scheduler import PersistentDockerScheduler  # noqa: E402
 from test_docker_scheduler import provision_busybox  # noqa: E402
 
 LONG = "trap 'exit 143' TERM; sleep 600 & wait"
+# Makes a `seq` line about 90 bytes, as a training log's lines are.
+PADDING = "step loss=0.1234 lr=0.000300 grad_norm=1.2345 tokens_per_second=123456.7 epoch=3"
 
 
 # ---------------------------------------------------------------------------
@@ -81,6 +83,7 @@ class Row:
     requests: dict[str, float] = field(default_factory=dict)
     note: str = ""
     higher_is_better: bool = False
+    baseline: str = "torchx"
 
     def ratio(self) -> float:
         """How many times faster ours is: above 1, ours wins."""
@@ -268,6 +271,87 @@ class Bench:
         assert all(found >= set(apps) for found in listed.values()), "a scheduler missed an app"
         return row
 
+    def docker_logs_seconds(self, names: Iterable[str]) -> float:
+        """`docker logs --timestamps` of each container in turn, into /dev/null."""
+        start = time.perf_counter()
+        for name in names:
+            subprocess.run(["docker", "logs", "--timestamps", name], stdout=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - start
+
+    def first_describe(self, replicas: int, lines: int, case: str, target: str) -> Row:
+        """The first describe() after replicas exit (it harvests their logs), against `docker logs -t`."""
+        script = f"seq 1 {lines} | sed 's/$/ {PADDING}/'"
+        row = Row(
+            case,
+            "s",
+            target,
+            baseline=f"{replicas} x `docker logs -t`" if replicas > 1 else "`docker logs -t`",
+        )
+        for _ in range(self.runs):
+            app_id = self.submit("ours", script, replicas)
+            wait_until(lambda app_id=app_id: self.exited(app_id), timeout=600)
+            names = [f"{app_id}-r-{k}" for k in range(replicas)]
+            row.torchx.append(self.docker_logs_seconds(names))
+            start = time.perf_counter()
+            desc = self.ours.describe(app_id)
+            row.ours.append(time.perf_counter() - start)
+            assert desc is not None and "logs not recorded" not in desc.msg, desc
+            self.remove([app_id])
+        return row
+
+    def harvest_rss_1gb(self) -> Row:
+        """Peak RSS of a fresh process whose first describe() harvests a 1 GB log."""
+        line = "x" * 1023
+        app_id = self.submit("ours", f"yes {line} | head -n {2**20}")
+        wait_until(lambda: self.exited(app_id), timeout=900)
+        code = textwrap.dedent(
+            f"""
+            import resource, time
+            from docker_scheduler import PersistentDockerScheduler
+            s = PersistentDockerScheduler({self.session!r}, state_dir={self.state_dir!r}, detach=True)
+            start = time.perf_counter()
+            d = s.describe({app_id!r})
+            assert "logs not recorded" not in d.msg, d.msg
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start)
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        rss, seconds = map(float, out.stdout.split())
+        size = os.path.getsize(os.path.join(self.state_dir, f"{self.session}.logs", app_id, "r.0.stdout"))
+        self.remove([app_id])
+        shutil.rmtree(os.path.join(self.state_dir, f"{self.session}.logs", app_id), ignore_errors=True)
+        return Row(
+            "peak RSS of the process harvesting a 1 GB log",
+            "MB",
+            "< 100 MB",
+            ours=[rss],
+            note=f"harvested {size / 2**30:.2f} GiB (with timestamps) in {seconds:.1f} s",
+        )
+
+    def cli_echo(self) -> Row:
+        """End-to-end wall time of `torchx run ... utils.echo --msg hello`, each scheduler."""
+        row = Row("`torchx run` of utils.echo, end to end", "s", "(none)")
+        work = tempfile.mkdtemp(prefix="docker-scheduler-bench-cli-")
+        env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": self.state_dir}
+        exe = Path(sys.executable).with_name("torchx")
+        names = {"torchx": "local_docker", "ours": "local_docker_persistent"}
+
+        def measure(which: str) -> float:
+            command = [str(exe), "run", "--workspace", "", "-s", names[which]]
+            command += ["utils.echo", "--image", self.image, "--msg", "hello"]
+            start = time.perf_counter()
+            run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=True)
+            elapsed = time.perf_counter() - start
+            self.app_ids.append(run.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1])
+            return elapsed
+
+        try:
+            return self.alternate(row, measure)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def scale_1000(self) -> list[Row]:
         """schedule() overhead and describe() with 1,000 apps recorded (ours only)."""
         real = self.submit("ours", "true")
@@ -321,15 +405,16 @@ def report(rows: list[Row], runs: int, client: docker.DockerClient) -> str:
         f"Docker: engine {version['Version']} (API {version['ApiVersion']}); "
         f"runs: {runs} per case, alternating",
         "",
-        "| case | unit | torchx median (min-max) | ours median (min-max) | ours faster by | target |"
+        "| case | unit | against | its median (min-max) | ours median (min-max) | ours faster by | target |"
         " Docker requests a call, torchx / ours |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         torchx, ours, unit = row.torchx, row.ours, row.unit
-        ratio = f"{row.ratio():.1f}x" if row.torchx else "-"
+        ratio = f"{row.ratio():.2f}x" if row.torchx else "-"
         requests = f"{row.requests['torchx']:.0f} / {row.requests['ours']:.0f}" if row.requests else "-"
-        cells = [row.case, unit, spread(torchx), spread(ours), ratio, row.target, requests]
+        against = row.baseline if row.torchx else "-"
+        cells = [row.case, unit, against, spread(torchx), spread(ours), ratio, row.target, requests]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {row.case}: {row.note}" for row in rows if row.note]
     return "\n".join(lines + (["", *notes] if notes else []))
@@ -340,16 +425,32 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=7, help="runs of each case per scheduler")
+    parser.add_argument("--only", nargs="*", help="run only these cases (method names of Bench)")
     args = parser.parse_args()
     bench = Bench(args.runs)
     rows: list[Row] = []
+    cases: dict[str, Callable[[], Row | list[Row]]] = {
+        "describe_finished": bench.describe_finished,
+        "describe_running": bench.describe_running,
+        "schedule_8": bench.schedule_8,
+        "log_200k": bench.log_200k,
+        "list_100": bench.list_100,
+        "scale_1000": bench.scale_1000,
+        "first_describe_300k": lambda: bench.first_describe(
+            1, 300_000, "first describe() after a 300,000-line replica exits", ">= 0.9x"
+        ),
+        "first_describe_8x100k": lambda: bench.first_describe(
+            8, 100_000, "first describe() after 8 replicas x 100,000 lines exit together", ">= 1.5x"
+        ),
+        "harvest_rss_1gb": bench.harvest_rss_1gb,
+        "cli_echo": bench.cli_echo,
+    }
     try:
-        rows.append(bench.describe_finished())
-        rows.append(bench.describe_running())
-        rows.append(bench.schedule_8())
-        rows.append(bench.log_200k())
-        rows.append(bench.list_100())
-        rows.extend(bench.scale_1000())
+        for name, case in cases.items():
+            if args.only and name not in args.only:
+                continue
+            made = case()
+            rows.extend(made if isinstance(made, list) else [made])
     finally:
         bench.close()
     print(report(rows, args.runs, bench.client))
