@@ -136,8 +136,10 @@ _CONTAINER_STATES: dict[str, AppState] = {
 }
 # States of a container that is done: its exit code is final.
 _ENDED = frozenset({"exited", "dead"})
-# A record's state while schedule() starts its containers (written before the first one).
+# A record's state from before schedule() starts its containers until a reader sees them.
 _STARTING = AppState.SUBMITTED.name
+# The file in an app's log directory that says schedule() started all its containers.
+_STARTED = ".started"
 # At most this many containers are created and started at once.
 _START_WORKERS = 8
 
@@ -1282,14 +1284,17 @@ class PersistentDockerScheduler(DockerScheduler):
         return info
 
     def schedule(self, dryrun_info: _DryRun) -> str:
-        """Records the app, starts every replica's container, then records that they started.
+        """Records the app, then starts every replica's container.
 
         The record is written first, in state SUBMITTED: when it cannot be
         written, nothing is created and the error names the state directory.
         When a container cannot start, the ones already started are removed,
         the app is recorded FAILED with the reason, and the error is raised.
-        A process that dies in between leaves a record that the next reader
-        reconciles with the app's containers.
+        Once the start lock is released, the next ``describe`` or ``list``, in
+        any process, reconciles the record with the app's containers: the
+        ones that exist are adopted, the ones that never came are FAILED. So
+        a process that dies in between leaves nothing unrecorded, and a
+        schedule that succeeds writes the session file once.
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
@@ -1306,15 +1311,15 @@ class PersistentDockerScheduler(DockerScheduler):
             except OSError as e:
                 with contextlib.suppress(OSError):
                     os.rmdir(self._log_dir(job.app_id))
-                raise type(e)(
-                    e.errno,
-                    f"cannot record app {job.app_id} in {self.state_dir} ({e.strerror}), so nothing was "
-                    "started: free space there, make it writable, or pass another state_dir",
-                ) from e
+                raise self._nothing_started(e, f"record app {job.app_id} in {self.state_dir}") from e
             with _reaching_docker():
                 self._start_all(job, record)
-            record["state"] = None
-            self._save_or_warn(record, "its containers started")
+            with contextlib.suppress(OSError):  # without it, a vanished replica reads "never created"
+                os.close(
+                    os.open(
+                        os.path.join(self._log_dir(job.app_id), _STARTED), os.O_CREAT | os.O_WRONLY, 0o600
+                    )
+                )
         self._scheduled.append(job.app_id)
         return job.app_id
 
@@ -1330,16 +1335,19 @@ class PersistentDockerScheduler(DockerScheduler):
             os.makedirs(log_dir, mode=0o700, exist_ok=True)
             fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise type(e)(
-                e.errno,
-                f"cannot create {log_dir} ({e.strerror}), so nothing was started: "
-                "free space in the state directory, make it writable, or pass another state_dir",
-            ) from e
+            raise self._nothing_started(e, f"create {log_dir}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    def _nothing_started(self, error: OSError, what: str) -> OSError:
+        return type(error)(
+            error.errno,
+            f"cannot {what} ({error.strerror}), so nothing was started: free space in {self.state_dir}, "
+            "make it writable, or pass another state_dir",
+        )
 
     def _start_in_progress(self, app_id: str) -> bool:
         try:
@@ -1494,7 +1502,8 @@ class PersistentDockerScheduler(DockerScheduler):
             elif _is_final(rep):
                 continue
             elif c is None:
-                why = "was never created: the process starting the app ended first" if starting else ""
+                never = starting and not os.path.exists(os.path.join(self._log_dir(app_id), _STARTED))
+                why = "was never created: the process starting the app ended first" if never else ""
                 ended[rep["name"]] = {"lost": True, "ended": time.time(), "error": why}
             elif c["State"] not in _ENDED:
                 live[rep["name"]] = _CONTAINER_STATES.get(c["State"], AppState.UNKNOWN)

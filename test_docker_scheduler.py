@@ -265,7 +265,7 @@ def test_session_file_holds_builtins_with_private_modes(
     assert stat.S_IMODE(os.stat(scheduler.state_dir).st_mode) == 0o700
     log_dir = Path(scheduler.state_dir) / f"{scheduler.session_name}.logs" / app_id
     assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
-    assert {p.name for p in log_dir.iterdir()} == {"r.0.stdout", "r.0.stderr"}
+    assert {p.name for p in log_dir.iterdir()} == {".started", "r.0.stdout", "r.0.stderr"}
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in log_dir.iterdir())
 
 
@@ -937,9 +937,7 @@ def test_readme_training_example_runs_from_a_copied_file(
 def test_readme_cli_options_string_reaches_the_container(
     client: docker.DockerClient, image: str, tmp_path: Path
 ) -> None:
-    text = (ROOT / "README.md").read_text()
-    line = next(x for x in text.splitlines() if x.startswith("torchx run") and "ulimits=" in x)
-    words = shlex.split(line)
+    words = _readme_command("ulimits=")
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
     run = _torchx(*words[1:], cwd=tmp_path, env=env)
     handle = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
@@ -1248,18 +1246,17 @@ def test_every_run_option_reaches_the_containers(
         submit(scheduler, role("r", "true"), image_pull="sometimes")
 
 
-def _readme_command(scheduler: str) -> list[str]:
-    """The README's `torchx run -s <scheduler> ...` line, split like a shell would."""
-    text = (ROOT / "README.md").read_text()
-    line = next(x for x in text.splitlines() if x.startswith(f"torchx run -s {scheduler} "))
-    return shlex.split(line)
+def _readme_command(*words: str) -> list[str]:
+    """The first `torchx run ...` line of the README holding ``words``, split like a shell would."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return shlex.split(next(x for x in lines if x.startswith("torchx run ") and all(w in x for w in words)))
 
 
 @pytest.mark.parametrize("scheduler", ["kubernetes", "slurm"])
 def test_the_readme_appdef_dry_runs_on_cluster_schedulers(scheduler: str) -> None:
     from torchx.runner import get_runner
 
-    words = _readme_command(scheduler)
+    words = _readme_command(f"-s {scheduler} ")
     cfg_at = words.index("-cfg")
     component, args = words[cfg_at + 2], words[cfg_at + 3 :]
     with get_runner() as runner:
