@@ -1467,11 +1467,6 @@ def _alive(pid: int) -> bool:
     return not re.search(r"^State:\s*Z", status, re.MULTILINE)
 
 
-@pytest.mark.skipif(
-    os.environ.get("DOCKER_SCHEDULER_TEST_RESTART_DAEMON") != "1",
-    reason="restarts dockerd: set DOCKER_SCHEDULER_TEST_RESTART_DAEMON=1 where this run started the daemon "
-    "(.ci/run does when it starts it)",
-)
 def test_daemon_restart_mid_run_never_reads_succeeded(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
@@ -1479,6 +1474,11 @@ def test_daemon_restart_mid_run_never_reads_succeeded(
         pytest.skip(
             "restarts dockerd, which a Podman engine does not have: Podman's containers are "
             "supervised by conmon, not by the API service"
+        )
+    if os.environ.get("DOCKER_SCHEDULER_TEST_RESTART_DAEMON") != "1":
+        pytest.skip(
+            "restarts dockerd: set DOCKER_SCHEDULER_TEST_RESTART_DAEMON=1 where this run started the "
+            "daemon (.ci/run does when it starts it)"
         )
     scheduler = make()
     app_id = start_long(scheduler, replicas=2)
