@@ -1101,9 +1101,7 @@ def _shm_size(value: Any) -> str:
     try:
         size = docker.utils.parse_bytes(str(value))
     except DockerException as e:
-        raise ValueError(
-            f"shm_size={value!r} is not a size ({e}): use Docker's size syntax, {example}"
-        ) from e
+        raise ValueError(f"shm_size={value!r} is not a size ({e}): {example}") from e
     if size <= 0:
         raise ValueError(f"shm_size={value!r} must be more than 0 bytes: {example}")
     return str(value)
