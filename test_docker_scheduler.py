@@ -159,6 +159,11 @@ def remove_session_containers(client: docker.DockerClient, session: str) -> None
         c.remove(force=True)
 
 
+def remove_app_containers(client: docker.DockerClient, app_id: str) -> None:
+    for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
+        c.remove(force=True)
+
+
 def role(name: str, script: str, replicas: int = 1, **kwargs: Any) -> specs.Role:
     return specs.Role(
         name, image=IMAGE, entrypoint="sh", args=["-c", script], num_replicas=replicas, **kwargs
@@ -959,8 +964,7 @@ def test_readme_cli_options_string_reaches_the_container(
             "sh/0 65536",
         ]
     finally:
-        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
-            c.remove(force=True)
+        remove_app_containers(client, app_id)
 
 
 # ---------------------------------------------------------------------------
@@ -1199,8 +1203,7 @@ def test_delete_an_app_the_cli_ran(client: docker.DockerClient, image: str, tmp_
         assert "State:" not in _torchx("status", handle, cwd=tmp_path, env=env).stdout
         assert handle not in _torchx("list", "-s", "local_docker_persistent", cwd=tmp_path, env=env).stdout
     finally:
-        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
-            c.remove(force=True)
+        remove_app_containers(client, app_id)
 
 
 def test_runopts_show_every_option_with_its_help(tmp_path: Path) -> None:
