@@ -32,6 +32,12 @@ or through a torchx ``Runner``::
     with Runner("demo", scheduler_factories={"local_docker_persistent": create_scheduler}) as runner:
         handle = runner.run(app, scheduler="local_docker_persistent")
         print(runner.wait(handle, wait_interval=1))
+
+The module reads top to bottom in the order data flows: labels and constants;
+run options and input checks; records; the session store; the Docker adapter;
+the log directory and its harvest; reconciliation, which decides from a record
+and what Docker lists what to harvest and record; the scheduler over all of
+them; and the factory.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import dataclasses
 import fcntl
 import heapq
 import io
+import itertools
 import logging
 import os
 import pickle
@@ -53,10 +60,10 @@ import tempfile
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import docker
 import docker.types
@@ -105,8 +112,8 @@ log: logging.Logger = logging.getLogger(__name__)
 LABEL_SESSION = "docker-scheduler/session"
 
 #: Bumped whenever the session file's shape changes; older formats stay readable.
-FORMAT_VERSION = 2
-_READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+_READABLE_FORMATS = (1, 2, 3)
 
 #: Environment variable naming the state directory when ``state_dir`` is not given.
 STATE_DIR_ENV = "DOCKER_SCHEDULER_STATE_DIR"
@@ -114,17 +121,15 @@ STATE_DIR_ENV = "DOCKER_SCHEDULER_STATE_DIR"
 #: Seconds Docker waits after SIGTERM before SIGKILL, as ``docker stop`` does.
 STOP_TIMEOUT = 10
 
-#: The ``image_pull`` policies.
+#: The ``image_pull`` policies, and the one taken when none is given (``local_docker`` always pulls).
 IMAGE_PULL_POLICIES = ("always", "missing", "never")
+DEFAULT_IMAGE_PULL = "always"
 
 #: Seconds between two progress lines of a long image pull.
 PULL_PROGRESS_INTERVAL = 3.0
 
-# Docker refuses container names outside this pattern.
+# Docker refuses container names outside this pattern; app ids and log directories follow it too.
 _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
-# A listed container's Status reads e.g. "Exited (137) 3 seconds ago".
-_EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
-_ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
 # Container states as dockerd names them (torchx's map) and as Podman's API adds them.
 _CONTAINER_STATES: dict[str, AppState] = {
     **CONTAINER_STATE,
@@ -136,76 +141,11 @@ _CONTAINER_STATES: dict[str, AppState] = {
 }
 # States of a container that is done: its exit code is final.
 _ENDED = frozenset({"exited", "dead"})
-# A record's state from before schedule() starts its containers until a reader sees them.
-_STARTING = AppState.SUBMITTED.name
+_ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
 # The file in an app's log directory that says schedule() started all its containers.
 _STARTED = ".started"
-# At most this many containers are created and started at once.
-_START_WORKERS = 8
-
-
-# Records are plain dicts so that the pickle holds builtin types only:
-# upgrading torchx or docker never breaks reading a session file.
-
-
-class RoleRecord(TypedDict):
-    """A role as submitted."""
-
-    name: str
-    image: str
-    entrypoint: str
-    args: list[str]
-    env: dict[str, str]
-    num_replicas: int
-    max_retries: int
-
-
-class ContainerRequest(TypedDict):
-    """What ``docker create`` was given for one replica; docker-py's helper types as plain dicts."""
-
-    image: str
-    command: list[str]
-    kwargs: dict[str, Any]
-
-
-class ReplicaEnd(TypedDict, total=False):
-    """What is learnt when a replica ends, merged into its :py:class:`ReplicaRecord`."""
-
-    exit_code: int | None
-    restarts: int
-    lost: bool
-    logs: bool
-    error: str
-    ended: float | None
-    log_error: str
-
-
-class ReplicaRecord(TypedDict):
-    """One replica (one container) and what is known of its end."""
-
-    role: str
-    id: int
-    name: str
-    exit_code: int | None
-    restarts: int
-    lost: bool
-    logs: bool  # stdout and stderr are in the log directory
-    error: str
-    request: ContainerRequest | None  # None in records of format 1 and for apps only Docker knew
-    ended: float | None  # when the replica's end was seen (Docker's finish time where it has one)
-    log_error: str  # why its logs are not recorded yet; the container is kept until they are
-
-
-class AppRecord(TypedDict):
-    """One app of a session, as pickled in the session file."""
-
-    app_id: str
-    created: float
-    state: str | None  # set when cancelled, or when schedule() failed
-    msg: str
-    remove_on_exit: bool
-    roles: list[RoleRecord]
-    replicas: list[ReplicaRecord]
+# At most this many Docker requests of one kind (create, stop, remove, harvest) run at once.
+_DOCKER_WORKERS = 8
 
 
 class DockerUnavailableError(RuntimeError):
@@ -223,6 +163,13 @@ def _unavailable(cause: BaseException) -> DockerUnavailableError:
     )
 
 
+def _warn_once(seen: set[tuple[str, str]], key: tuple[str, str], message: str, *args: Any) -> None:
+    """Logs a warning the first time ``key`` (a subject and a cause) comes up in ``seen``."""
+    if key not in seen:
+        seen.add(key)
+        log.warning(message, *args)
+
+
 @contextlib.contextmanager
 def _reaching_docker() -> Iterator[None]:
     """Turns a connection failure into one error that names the endpoint."""
@@ -230,40 +177,6 @@ def _reaching_docker() -> Iterator[None]:
         yield
     except requests.exceptions.ConnectionError as e:
         raise _unavailable(e) from e
-
-
-def _check_session_name(session_name: str) -> None:
-    bad = [sep for sep in ("/", os.sep, os.altsep, "\0") if sep]
-    if not session_name or ".." in session_name or any(s in session_name for s in bad):
-        raise ValueError(
-            f"invalid session name {session_name!r}: it names the session file, so it must be "
-            "non-empty and hold no path separator or '..' (e.g. 'my_experiments')"
-        )
-
-
-def _check_private(path: str, st: os.stat_result) -> None:
-    """Refuses state that someone else could have written: it is unpickled."""
-    if st.st_uid != os.getuid():
-        raise PermissionError(
-            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing to read it. "
-            f"Fix: `chown {os.getuid()} {path}`, or use another state_dir"
-        )
-    if st.st_mode & 0o022:
-        raise PermissionError(
-            f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}); refusing to read it. "
-            f"Fix: `chmod go-w {path}`"
-        )
-
-
-def _resolve_state_dir(state_dir: str | None) -> str:
-    base = state_dir or os.environ.get(STATE_DIR_ENV)
-    if not base:
-        xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-        base = os.path.join(xdg, "docker_scheduler")
-    path = os.path.abspath(os.path.expanduser(base))
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    _check_private(path, os.stat(path))
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +206,7 @@ class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
     """
 
     image_pull: str = _option(
-        "always",
+        DEFAULT_IMAGE_PULL,
         str,
         "when to pull each role's image: `always` (as local_docker; falls back to a local copy "
         "when the pull fails), `missing` (only when Docker lacks it) or `never` "
@@ -363,728 +276,15 @@ def _submitted(info: _DryRun) -> tuple[AppDef | None, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
-# Session store
+# Input checks: run options and AppDefs, before anything is created
 # ---------------------------------------------------------------------------
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Loads builtin types and datetimes only, so a crafted file cannot run code."""
-
-    _ALLOWED = frozenset({("datetime", "datetime"), ("datetime", "timezone"), ("datetime", "timedelta")})
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: session files hold builtin types only")
-
-
-class _CorruptSession(Exception):
-    pass
-
-
-_Stamp = tuple[int, int, int, int]
-
-
-def _stamp(st: os.stat_result) -> _Stamp:
-    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-
-
-def _decode(app_id: str, blob: Any) -> AppRecord:
-    if not isinstance(blob, bytes):
-        raise _CorruptSession(f"malformed record for {app_id!r}")
-    try:
-        record = _RestrictedUnpickler(io.BytesIO(blob)).load()
-    except Exception as e:
-        raise _CorruptSession(f"record for {app_id!r}: {type(e).__name__}: {e}") from e
-    if not isinstance(record, dict) or not isinstance(record.get("replicas"), list):
-        raise _CorruptSession(f"malformed record for {app_id!r}")
-    for rep in record["replicas"]:  # format 1 kept none of these
-        rep.setdefault("request", None)
-        rep.setdefault("ended", None)
-        rep.setdefault("log_error", "")
-    return cast(AppRecord, record)
-
-
-def _check_shape(data: Any, session_name: str) -> dict[str, bytes]:
-    if not isinstance(data, dict) or data.get("format") not in _READABLE_FORMATS:
-        version = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise _CorruptSession(f"format {version!r}, expected one of {_READABLE_FORMATS}")
-    apps = data.get("apps")
-    if data.get("session") != session_name or not isinstance(apps, dict):
-        raise _CorruptSession("not a session file of this session")
-    return apps
-
-
-class _SessionStore:
-    """The session file: re-read only when it changed, replaced atomically under a lock.
-
-    Each app's record is pickled on its own inside the file, so a write pickles
-    only the records that changed. Records handed out are shared with the
-    cache: callers copy one before changing it, and that copy is what changed.
-    """
-
-    def __init__(
-        self, directory: str, session_name: str, rebuild: Callable[[], dict[str, AppRecord]]
-    ) -> None:
-        self.path = os.path.join(directory, f"{session_name}.pickle")
-        self._lock_path = os.path.join(directory, f"{session_name}.lock")
-        self._session_name = session_name
-        self._rebuild = rebuild
-        self._stamp: _Stamp | None = None
-        self._apps: dict[str, AppRecord] = {}
-        self._blobs: dict[str, bytes] = {}
-        self._held = threading.local()
-        self._temp_name = re.compile(re.escape(f".{session_name}.") + r"[a-z0-9_]{8}\.tmp")
-
-    def apps(self) -> dict[str, AppRecord]:
-        """The session's apps by id, as of the last write by any process."""
-        try:
-            stamp: _Stamp | None = _stamp(os.stat(self.path))
-        except FileNotFoundError:
-            stamp = None
-        if stamp != self._stamp:
-            try:
-                self._load()
-            except _CorruptSession as e:
-                with self._locked():
-                    try:  # another process may have replaced it meanwhile
-                        self._load()
-                    except _CorruptSession:
-                        self._quarantine(e)
-        return self._apps
-
-    @contextlib.contextmanager
-    def update(self) -> Iterator[dict[str, AppRecord]]:
-        """Yields the freshest apps under the lock, and writes them back."""
-        with self._locked():
-            apps = dict(self.apps())
-            yield apps
-            self._write(apps)
-
-    def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                _check_private(self.path, st)
-                try:
-                    data = _RestrictedUnpickler(f).load()
-                except Exception as e:  # any byte string can come in: each failure means corrupt
-                    raise _CorruptSession(f"{type(e).__name__}: {e}") from e
-        except FileNotFoundError:
-            self._stamp, self._apps, self._blobs = None, {}, {}
-            return
-        blobs = _check_shape(data, self._session_name)
-        apps = {app_id: _decode(app_id, blob) for app_id, blob in blobs.items()}
-        self._stamp, self._apps, self._blobs = _stamp(st), apps, blobs
-
-    def _quarantine(self, error: Exception) -> None:
-        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        os.replace(self.path, aside)
-        log.warning(
-            "session file %s could not be read (%s); moved it to %s and rebuilt the session "
-            "from the containers labelled with it",
-            self.path,
-            error,
-            aside,
-        )
-        try:
-            apps = self._rebuild()
-        except Exception as e:
-            log.warning("could not rebuild session %s from Docker: %s", self._session_name, e)
-            apps = {}
-        self._write(apps)
-
-    def _write(self, apps: dict[str, AppRecord]) -> None:
-        blobs = {
-            app_id: self._blobs[app_id]
-            if record is self._apps.get(app_id)
-            else pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-            for app_id, record in apps.items()
-        }
-        data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": blobs}
-        directory = os.path.dirname(self.path)
-        self._remove_stale_temp_files(directory)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._session_name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._stamp, self._apps, self._blobs = _stamp(os.stat(self.path)), apps, blobs
-
-    def _remove_stale_temp_files(self, directory: str) -> None:
-        # Writers hold the lock, so a temp file seen under it was left by one that died.
-        for entry in os.scandir(directory):
-            if self._temp_name.fullmatch(entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # flock is per open file, so a thread that already holds it must not take it again.
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
-            try:
-                yield
-            finally:
-                self._held.depth -= 1
-            return
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
-        finally:
-            os.close(fd)
-
-
-# ---------------------------------------------------------------------------
-# Log harvest
-# ---------------------------------------------------------------------------
-# A harvested log is what `docker logs --timestamps` prints for one stream:
-# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
-# so since/until compare as bytes and two streams merge in time order.
-
-
-def _log_file(log_dir: str, rep: ReplicaRecord, stream: str) -> str:
-    return os.path.join(log_dir, f"{rep['role']}.{rep['id']}.{stream}")
-
-
-# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
-# fraction (or prints none) and may print an offset. Harvested lines are rewritten
-# to dockerd's form so that they compare as bytes.
-_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ")
-
-
-def _fixed_stamp(line: bytes) -> bytes:
-    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
-    if line[19:20] == b"." and line[29:31] == b"Z ":
-        return line  # dockerd's own
-    match = _TIMESTAMP.match(line)
-    if match is None:
-        return line
-    base, fraction, zone = match.groups()
-    if zone != b"Z":
-        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
-        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
-    return b"%s.%sZ %s" % (base, (fraction or b"").ljust(9, b"0"), line[match.end() :])
-
-
-# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
-# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
-_FRAME_HEADER = struct.Struct(">BxxxL")
-_STDOUT, _STDERR = 1, 2
-_READ_SIZE = 1 << 20
-
-
-def _log_response(
-    api: Any,
-    name: str,
-    streams: Iterable[str],
-    *,
-    timestamps: bool,
-    follow: bool,
-    since: float | None = None,
-    until: float | None = None,
-) -> requests.Response:
-    """One ``GET /containers/<name>/logs`` for the given streams, its body left to read.
-
-    docker-py reads such a body a frame at a time; reading it in large blocks
-    is what makes a harvest as fast as ``docker logs``.
-    """
-    params: dict[str, Any] = {
-        "stdout": int("stdout" in streams),
-        "stderr": int("stderr" in streams),
-        "timestamps": int(timestamps),
-        "follow": int(follow),
-        "tail": "all",
-    }
-    if since is not None:
-        params["since"] = since
-    if until is not None:
-        params["until"] = until
-    # No read timeout: a followed log may stay quiet for as long as its replica runs.
-    response: requests.Response = api._get(
-        api._url("/containers/{0}/logs", name), params=params, stream=True, timeout=None
-    )
-    api._raise_for_status(response)
-    return response
-
-
-def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(stream id, payload) for each frame of a log body read in blocks of any size."""
-    data, pos, multiplexed = b"", 0, None
-    for block in blocks:
-        if multiplexed is None:
-            multiplexed = block[:1] in (b"\0", b"\1", b"\2") and block[1:4] == b"\0\0\0"
-        if not multiplexed:  # a TTY container: one stream, no frames
-            yield _STDOUT, block
-            continue
-        data = data[pos:] + block if pos < len(data) else block
-        pos, size = 0, len(data)
-        while pos + 8 <= size:
-            stream, length = _FRAME_HEADER.unpack_from(data, pos)
-            end = pos + 8 + length
-            if end > size:
-                break
-            yield stream, data[pos + 8 : end]
-            pos = end
-
-
-def _harvest_frames(frames: Iterable[tuple[int, bytes]], dests: dict[int, str]) -> None:
-    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all."""
-    files: dict[int, Any] = {}
-    temps: dict[int, str] = {}
-    try:
-        for stream, dest in dests.items():
-            fd, temps[stream] = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
-            files[stream] = os.fdopen(fd, "wb", buffering=_READ_SIZE)
-        continued = dict.fromkeys(dests, False)
-        for stream, payload in frames:
-            out = files.get(stream)
-            if out is None:
-                continue
-            # A line Docker split into frames keeps its first timestamp only.
-            payload = payload.partition(b" ")[2] if continued[stream] else _fixed_stamp(payload)
-            out.write(payload)
-            continued[stream] = not payload.endswith(b"\n")
-        for stream, out in files.items():
-            out.close()
-            os.replace(temps.pop(stream), dests[stream])
-    finally:
-        for out in files.values():
-            out.close()
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _as_utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
-
-
-def _epoch(dt: datetime | None) -> float | None:
-    """``dt`` as Docker's API takes it (naive datetimes are UTC), or None when it filters nothing."""
-    if dt is None:
-        return None
-    seconds = _as_utc(dt).timestamp()
-    return seconds if seconds > 0 else None
-
-
-def _docker_time(dt: datetime | None) -> bytes | None:
-    """``dt`` as Docker prints log timestamps, or None when it filters nothing."""
-    if dt is None or _epoch(dt) is None:
-        return None
-    return _as_utc(dt).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
-
-
-def _read_harvested(
-    path: str, since: datetime | None, until: datetime | None
-) -> Iterator[tuple[bytes, bytes]]:
-    low, high = _docker_time(since), _docker_time(until)
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                ts, _, text = raw.partition(b" ")
-                if low is not None and ts < low:
-                    continue
-                if high is not None and ts > high:
-                    break
-                yield ts, text
-    except FileNotFoundError:  # this stream never wrote a line
-        return
-
-
-def _harvested_lines(paths: list[str], since: datetime | None, until: datetime | None) -> Iterator[bytes]:
-    streams = [_read_harvested(p, since, until) for p in paths]
-    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
-        yield text
-
-
-def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        if b"\n" not in chunk:
-            continue
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if pending:
-        yield pending
-
-
-class _PullProgress:
-    """Layers done and bytes downloaded, from the events of ``docker pull``."""
-
-    _LAYER_STATUSES = frozenset(
-        {
-            "Pulling fs layer",
-            "Waiting",
-            "Downloading",
-            "Verifying Checksum",
-            "Download complete",
-            "Extracting",
-            "Pull complete",
-            "Already exists",
-        }
-    )
-
-    def __init__(self) -> None:
-        self.layers: dict[str, tuple[int, int]] = {}
-        self.done: set[str] = set()
-
-    def update(self, event: dict[str, Any]) -> None:
-        layer, status = event.get("id"), event.get("status")
-        if not layer or status not in self._LAYER_STATUSES:
-            return
-        current, total = self.layers.get(layer, (0, 0))
-        detail = event.get("progressDetail") or {}
-        if status == "Downloading":
-            current, total = int(detail.get("current", current)), int(detail.get("total") or total)
-        elif status in ("Download complete", "Pull complete", "Already exists"):
-            current = total
-        self.layers[layer] = (current, total)
-        if status in ("Pull complete", "Already exists"):
-            self.done.add(layer)
-
-    def __str__(self) -> str:
-        have = sum(current for current, _ in self.layers.values())
-        total = sum(total for _, total in self.layers.values())
-        return f"{len(self.done)}/{len(self.layers)} layers done, {have / 1e6:.1f}/{total / 1e6:.1f} MB"
-
-
-# ---------------------------------------------------------------------------
-# Records
-# ---------------------------------------------------------------------------
-
-
-def _role_record(role: Role) -> RoleRecord:
-    return {
-        "name": role.name,
-        "image": role.image,
-        "entrypoint": role.entrypoint,
-        "args": [str(a) for a in role.args],
-        "env": {str(k): str(v) for k, v in role.env.items()},
-        "num_replicas": role.num_replicas,
-        "max_retries": role.max_retries,
-    }
-
-
-def _replica_record(
-    role: str, replica_id: int, name: str, request: ContainerRequest | None = None
-) -> ReplicaRecord:
-    return {
-        "role": role,
-        "id": replica_id,
-        "name": name,
-        "exit_code": None,
-        "restarts": 0,
-        "lost": False,
-        "logs": False,
-        "error": "",
-        "request": request,
-        "ended": None,
-        "log_error": "",
-    }
-
-
-def _new_record(app_id: str, roles: list[RoleRecord], replicas: list[ReplicaRecord]) -> AppRecord:
-    return {
-        "app_id": app_id,
-        "created": time.time(),
-        "state": None,
-        "msg": "",
-        "remove_on_exit": False,
-        "roles": roles,
-        "replicas": replicas,
-    }
-
-
-# docker-py's helper types are dicts underneath: kept as plain dicts, rebuilt on the way out.
-_DOCKER_TYPES: dict[str, type[dict[str, Any]]] = {
-    "mounts": docker.types.Mount,
-    "device_requests": docker.types.DeviceRequest,
-    "ulimits": docker.types.Ulimit,
-    "log_config": docker.types.LogConfig,
-}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with builtin types only, as the restricted unpickler reads them."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool, bytes)):
-        return value
-    return str(value)
-
-
-def _docker_typed(cls: type[dict[str, Any]], value: dict[str, Any]) -> Any:
-    typed = cls.__new__(cls)  # their constructors take other spellings than the dicts they build
-    typed.update(value)
-    return typed
-
-
-def _container_kwargs(plain: dict[str, Any]) -> dict[str, Any]:
-    """The kwargs of a recorded request, with docker-py's helper types rebuilt."""
-    kwargs = copy.deepcopy(plain)
-    for key, cls in _DOCKER_TYPES.items():
-        value = kwargs.get(key)
-        if isinstance(value, list):
-            kwargs[key] = [_docker_typed(cls, v) if isinstance(v, dict) else v for v in value]
-        elif isinstance(value, dict):
-            kwargs[key] = _docker_typed(cls, value)
-    return kwargs
-
-
-def _request_record(c: DockerContainer) -> ContainerRequest:
-    return {"image": c.image, "command": [str(a) for a in c.command], "kwargs": _plain(c.kwargs)}
-
-
-def _record_from_job(job: DockerJob, app: AppDef | None) -> AppRecord:
-    replicas = []
-    for c in job.containers:
-        labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
-        replicas.append(
-            _replica_record(
-                labels[LABEL_ROLE_NAME],
-                int(labels[LABEL_REPLICA_ID]),
-                str(c.kwargs["name"]),
-                _request_record(c),
-            )
-        )
-    if app is not None:
-        roles = [_role_record(r) for r in app.roles]
-    else:  # a hand-made AppDryRunInfo: the containers are all there is
-        roles = _roles_from_replicas(
-            replicas, {r["name"]: (c.image, c.command) for r, c in zip(replicas, job.containers, strict=True)}
-        )
-    return _new_record(job.app_id, roles, replicas)
-
-
-def _roles_from_replicas(
-    replicas: list[ReplicaRecord], commands: dict[str, tuple[str, list[str]]]
-) -> list[RoleRecord]:
-    roles: dict[str, RoleRecord] = {}
-    for rep in replicas:
-        image, command = commands.get(rep["name"], ("", []))
-        role = roles.setdefault(
-            rep["role"],
-            {
-                "name": rep["role"],
-                "image": image,
-                "entrypoint": command[0] if command else "",
-                "args": list(command[1:]),
-                "env": {},
-                "num_replicas": 0,
-                "max_retries": 0,
-            },
-        )
-        role["num_replicas"] += 1
-    return list(roles.values())
-
-
-def _job_from_record(record: AppRecord) -> DockerJob:
-    """The request as scheduled; for records of format 1, what they kept of it."""
-    roles = {r["name"]: r for r in record["roles"]}
-    containers = []
-    for rep in record["replicas"]:
-        request = rep["request"]
-        if request is None:
-            role = roles[rep["role"]]
-            request = {
-                "image": role["image"],
-                "command": [role["entrypoint"], *role["args"]],
-                "kwargs": {"name": rep["name"], "environment": dict(role["env"])},
-            }
-        containers.append(
-            DockerContainer(request["image"], list(request["command"]), _container_kwargs(request["kwargs"]))
-        )
-    return DockerJob(app_id=record["app_id"], containers=containers)
-
-
-def _container_name(container: dict[str, Any]) -> str:
-    return str(container["Names"][0]).lstrip("/")
-
-
-def _listed_exit_code(container: dict[str, Any]) -> int | None:
-    match = _EXITED_STATUS.match(container.get("Status") or "")
-    return int(match.group(1)) if match else None
-
-
-def _listed_state(container: dict[str, Any]) -> AppState:
-    if container["State"] == "exited":
-        code = _listed_exit_code(container)
-        if code is None:
-            return AppState.UNKNOWN
-        return AppState.SUCCEEDED if code == 0 else AppState.FAILED
-    return _CONTAINER_STATES.get(container["State"], AppState.UNKNOWN)
-
-
-def _records_from_containers(containers: list[dict[str, Any]]) -> dict[str, AppRecord]:
-    """Records for apps known only from their containers (none of their exits seen yet)."""
-    by_app: dict[str, list[dict[str, Any]]] = {}
-    for c in containers:
-        by_app.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
-    records = {}
-    for app_id, group in by_app.items():
-        group.sort(key=lambda c: (c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID])))
-        replicas = [
-            _replica_record(
-                c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c)
-            )
-            for c in group
-        ]
-        commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
-        records[app_id] = _new_record(app_id, _roles_from_replicas(replicas, commands), replicas)
-    return records
-
-
-def _is_final(rep: ReplicaRecord) -> bool:
-    return rep["exit_code"] is not None or bool(rep["lost"])
-
-
-def _logs_pending(rep: ReplicaRecord) -> bool:
-    """Whether the replica ended but its logs could not be recorded yet (they are retried)."""
-    return _is_final(rep) and not rep["logs"] and bool(rep["log_error"])
-
-
-def _with_ends(record: AppRecord, ended: dict[str, ReplicaEnd]) -> AppRecord:
-    """A copy of ``record`` with what was learnt of ended replicas, out of the starting state."""
-    fresh = copy.deepcopy(record)
-    fresh["replicas"] = [
-        {**rep, **ended[rep["name"]]}
-        if rep["name"] in ended and (not _is_final(rep) or _logs_pending(rep))
-        else rep
-        for rep in fresh["replicas"]
-    ]
-    if fresh["state"] == _STARTING:
-        fresh["state"] = None
-    return fresh
-
-
-def _finished_at(stamp: Any) -> float:
-    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
-    try:
-        finished = datetime.fromisoformat(str(stamp)[:19]).replace(tzinfo=timezone.utc).timestamp()
-    except ValueError:
-        return time.time()
-    return finished if finished > 0 else time.time()
-
-
-def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
-    """Why logs could not be recorded, and what fixes it."""
-    if isinstance(error, OSError) and not isinstance(error, requests.exceptions.RequestException):
-        return f"{error.strerror or error} in {log_dir}", "free space there or make it writable"
-    if isinstance(error, docker.errors.APIError) and (
-        error.status_code == 501 or "log driver" in str(error.explanation)  # Podman: 500, "'none' log driver"
-    ):
-        return (
-            f"Docker cannot read them back: {error.explanation}",
-            "run it with a logging driver Docker can read (json-file, local, journald) or turn on the "
-            "daemon's dual logging; until then `docker logs` cannot show them either",
-        )
-    return f"{type(error).__name__}: {error}", "check that the Docker daemon answers"
-
-
-def _asks_docker(record: AppRecord) -> bool:
-    """Whether Docker has something for the record: a replica still going, or logs to record."""
-    return not _settled(record) or any(_logs_pending(rep) for rep in record["replicas"])
-
-
-def _ended_at(record: AppRecord) -> float:
-    """When the last replica's end was seen; records of format 1 fall back to their creation."""
-    return max((rep["ended"] or record["created"] for rep in record["replicas"]), default=record["created"])
-
-
-def _settled(record: AppRecord) -> bool:
-    """Whether nothing about the app can change any more."""
-    return all(_is_final(r) for r in record["replicas"])
-
-
-def _failed(rep: ReplicaRecord) -> bool:
-    return rep["exit_code"] not in (None, 0)
-
-
-def _replica_state(rep: ReplicaRecord, live: dict[str, AppState], cancelled: bool = False) -> AppState:
-    if rep["exit_code"] is not None:
-        if rep["exit_code"] == 0:
-            return AppState.SUCCEEDED
-        # An app is only marked cancelled while none of its replicas had failed.
-        return AppState.CANCELLED if cancelled else AppState.FAILED
-    if rep["lost"]:  # its exit code is gone: never SUCCEEDED, and terminal, so waits end
-        return AppState.CANCELLED if cancelled else AppState.FAILED
-    return live.get(rep["name"], AppState.UNKNOWN)
-
-
-def _app_state(recorded: str | None, states: list[AppState]) -> AppState:
-    if recorded:
-        return AppState[recorded]
-    if AppState.FAILED in states:
-        return AppState.FAILED
-    if states and all(s == AppState.SUCCEEDED for s in states):
-        return AppState.SUCCEEDED
-    active = [s for s in states if s in _ACTIVE]
-    return min(active) if active else AppState.UNKNOWN
-
-
-def _record_state(record: AppRecord, live: dict[str, AppState]) -> AppState:
-    cancelled = record["state"] == AppState.CANCELLED.name
-    return _app_state(record["state"], [_replica_state(rep, live, cancelled) for rep in record["replicas"]])
-
-
-def _describe_record(record: AppRecord, live: dict[str, AppState]) -> DescribeAppResponse:
-    roles = [
-        Role(
-            name=r["name"],
-            image=r["image"],
-            entrypoint=r["entrypoint"],
-            args=list(r["args"]),
-            env=dict(r["env"]),
-            num_replicas=r["num_replicas"],
-            max_retries=r["max_retries"],
-        )
-        for r in record["roles"]
-    ]
-    statuses = {r["name"]: RoleStatus(r["name"], []) for r in record["roles"]}
-    states = []
-    cancelled = record["state"] == AppState.CANCELLED.name
-    problems = [record["msg"]] if record["msg"] else []
-    if cancelled:
-        problems.append("cancelled")
-    for rep in record["replicas"]:
-        state = _replica_state(rep, live, cancelled)
-        states.append(state)
-        statuses.setdefault(rep["role"], RoleStatus(rep["role"], [])).replicas.append(
-            ReplicaStatus(id=rep["id"], state=state, role=rep["role"], hostname=rep["name"])
-        )
-        if _failed(rep):
-            verb = "was stopped" if cancelled else "exited"
-            problems.append(f"{rep['role']}/{rep['id']} {verb} with code {rep['exit_code']}{rep['error']}")
-        elif rep["lost"]:
-            why = rep["error"] or "vanished before its exit code could be read"
-            problems.append(f"{rep['role']}/{rep['id']}: container {rep['name']} {why}")
-        if _logs_pending(rep):
-            problems.append(f"{rep['role']}/{rep['id']}: logs not recorded yet ({rep['log_error']})")
-    return DescribeAppResponse(
-        app_id=record["app_id"],
-        state=_app_state(record["state"], states),
-        num_restarts=max((rep["restarts"] for rep in record["replicas"]), default=0),
-        msg="; ".join(problems),
-        roles=roles,
-        roles_statuses=list(statuses.values()),
-    )
+def _image_pull(cfg: Mapping[str, Any]) -> str:
+    policy = cfg.get("image_pull") or DEFAULT_IMAGE_PULL
+    if policy not in IMAGE_PULL_POLICIES:
+        raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
+    return str(policy)
 
 
 _IPC_MODE = re.compile(r"private|shareable|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]*")
@@ -1169,6 +369,1378 @@ def _validate_app(app: AppDef) -> None:
             raise ValueError(f"role {role.name!r} has num_replicas={role.num_replicas}: it needs at least 1")
 
 
+def _check_container_names(app: AppDef, names: Iterable[str]) -> None:
+    for name in names:
+        if not _CONTAINER_NAME.fullmatch(name):
+            raise ValueError(
+                f"app name {app.name!r} gives the name {name!r}, which Docker refuses for a container: "
+                "use letters, digits, '_', '.' and '-', starting with a letter or digit"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+# Records are frozen dataclasses: a change is a new record (``dataclasses.replace``),
+# so the store can tell what changed by identity and no edit is ever lost. On
+# disk each is a plain dict of builtin types, so that upgrading torchx or docker
+# never breaks reading a session file, and each is checked field by field when
+# it is read back.
+
+#: Where a replica's stdout and stderr are: still in its container, recorded in the
+#: log directory, failed to record (retried; the container is kept), or gone with
+#: a container removed before they were read.
+LogStatus = Literal["in_container", "recorded", "retry", "lost"]
+_LOG_STATUSES: tuple[LogStatus, ...] = ("in_container", "recorded", "retry", "lost")
+
+
+class _CorruptSession(Exception):
+    """A session file, or a record in it, that does not have the expected shape."""
+
+
+_Record = TypeVar("_Record")
+
+
+def _from_plain(cls: type[_Record], data: Any) -> _Record:
+    """A record of ``cls`` from its plain dict, each field checked against its annotation."""
+    if not isinstance(data, dict):
+        raise _CorruptSession(f"{cls.__name__} is {type(data).__name__}, not a dict")
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            raise _CorruptSession(f"{cls.__name__} has no field {f.name!r}")
+        try:
+            values[f.name] = _READERS[str(f.type)](data[f.name])
+        except _CorruptSession as e:
+            raise _CorruptSession(f"{cls.__name__}.{f.name}: {e}") from e
+    return cls(**values)
+
+
+def _kind(*kinds: type) -> Callable[[Any], Any]:
+    """A reader that takes a value of one of ``kinds`` as it is, and refuses anything else."""
+
+    def read(value: Any) -> Any:
+        if not isinstance(value, kinds):
+            raise _CorruptSession(f"{type(value).__name__} {value!r:.60}, expected {kinds}")
+        return value
+
+    return read
+
+
+def _tuple_of(read: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    return lambda value: tuple(read(v) for v in _kind(list, tuple)(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleRecord:
+    """A role as submitted."""
+
+    #: the role's name, unique within the app
+    name: str
+    #: the image its replicas ran
+    image: str
+    #: the command, and its arguments
+    entrypoint: str
+    args: tuple[str, ...]
+    #: the environment the role asked for (not what torchx or ``env``/``copy_env`` added)
+    env: Mapping[str, str]
+    num_replicas: int
+    max_retries: int
+
+    @classmethod
+    def of(cls, role: Role) -> RoleRecord:
+        env = {str(k): str(v) for k, v in role.env.items()}
+        args = tuple(str(a) for a in role.args)
+        return cls(role.name, role.image, role.entrypoint, args, env, role.num_replicas, role.max_retries)
+
+    def to_role(self) -> Role:
+        return Role(**{**dataclasses.asdict(self), "args": list(self.args), "env": dict(self.env)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerRequest:
+    """What ``docker create`` was given for one replica; docker-py's helper types as plain dicts."""
+
+    image: str
+    command: tuple[str, ...]
+    #: the keyword arguments, builtin types only (see :py:func:`_plain`)
+    kwargs: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaRecord:
+    """One replica (one container) and what is known of its end."""
+
+    role: str
+    id: int
+    #: the container's name (and hostname)
+    name: str
+    #: None for records of format 1 and for apps known only from their containers
+    request: ContainerRequest | None = None
+    #: set once the container ended and its exit code was read
+    exit_code: int | None = None
+    #: what Docker said beside the exit code, e.g. "out of memory"
+    exit_note: str = ""
+    restarts: int = 0
+    #: set when the exit code can never be read: why (e.g. the container vanished)
+    vanished: str = ""
+    #: when the end was seen, in epoch seconds (Docker's finish time where it has one)
+    ended: float | None = None
+    logs: LogStatus = "in_container"
+    #: why the logs could not be recorded, while ``logs`` is "retry"
+    log_error: str = ""
+
+    @property
+    def final(self) -> bool:
+        """Whether its end is known: an exit code, or the knowledge that there will be none."""
+        return self.exit_code is not None or bool(self.vanished)
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_code not in (None, 0)
+
+    @property
+    def logs_pending(self) -> bool:
+        """Whether it ended but its logs could not be recorded yet (they are retried)."""
+        return self.final and self.logs == "retry"
+
+
+@dataclasses.dataclass(frozen=True)
+class AppRecord:
+    """One app of a session, as the session file keeps it."""
+
+    app_id: str
+    #: when it was scheduled, in epoch seconds
+    created: float
+    roles: tuple[RoleRecord, ...]
+    replicas: tuple[ReplicaRecord, ...]
+    remove_on_exit: bool = False
+    #: recorded by schedule() before it creates anything; cleared by the first reader after
+    starting: bool = False
+    cancelled: bool = False
+    #: why schedule() could not start the app (which then reads FAILED)
+    start_error: str = ""
+
+    @property
+    def settled(self) -> bool:
+        """Whether every replica's end is known."""
+        return all(rep.final for rep in self.replicas)
+
+    @property
+    def asks_docker(self) -> bool:
+        """Whether Docker has something for it: a replica still going, or logs to record."""
+        return not self.settled or any(rep.logs_pending for rep in self.replicas)
+
+    @property
+    def ended_at(self) -> float:
+        """When the last replica's end was seen; records of format 1 fall back to their creation."""
+        return max((rep.ended or self.created for rep in self.replicas), default=self.created)
+
+    def with_ends(self, ends: Mapping[str, Mapping[str, Any]]) -> AppRecord:
+        """This record with what was learnt of ended replicas (by container name), no longer starting.
+
+        A replica already final takes only a second try at its logs.
+        """
+        replicas = tuple(
+            dataclasses.replace(rep, **ends[rep.name])
+            if rep.name in ends and (not rep.final or rep.logs_pending)
+            else rep
+            for rep in self.replicas
+        )
+        return dataclasses.replace(self, replicas=replicas, starting=False)
+
+    def to_plain(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_NONE = type(None)
+
+
+def _log_status(value: Any) -> LogStatus:
+    if value not in _LOG_STATUSES:
+        raise _CorruptSession(f"log status {value!r} is not one of {_LOG_STATUSES}")
+    return cast(LogStatus, value)
+
+
+# How each annotation of a record's fields is read back.
+_READERS: dict[str, Callable[[Any], Any]] = {
+    "str": _kind(str),
+    "int": _kind(int),
+    "bool": _kind(bool),
+    "float": lambda value: float(_kind(float, int)(value)),
+    "int | None": _kind(int, _NONE),
+    "float | None": _kind(float, int, _NONE),
+    "tuple[str, ...]": _tuple_of(_kind(str)),
+    "Mapping[str, str]": lambda value: {_kind(str)(k): _kind(str)(v) for k, v in _kind(dict)(value).items()},
+    "Mapping[str, Any]": _kind(dict),
+    "LogStatus": _log_status,
+    "ContainerRequest | None": lambda value: None if value is None else _from_plain(ContainerRequest, value),
+    "tuple[RoleRecord, ...]": _tuple_of(lambda value: _from_plain(RoleRecord, value)),
+    "tuple[ReplicaRecord, ...]": _tuple_of(lambda value: _from_plain(ReplicaRecord, value)),
+}
+
+
+def _upgraded(plain: Any) -> dict[str, Any]:
+    """A record of format 1 or 2 (one ``state`` and overloaded replica fields) in format 3's shape."""
+    data: dict[str, Any] = dict(_kind(dict)(plain))
+    state, msg = data.pop("state", None), data.pop("msg", "")
+    if state not in (None, "SUBMITTED", "CANCELLED", "FAILED"):
+        raise _CorruptSession(f"state {state!r} is not one a record of format 1 or 2 holds")
+    data["starting"], data["cancelled"] = state == "SUBMITTED", state == "CANCELLED"
+    data["start_error"] = str(msg) if state == "FAILED" else ""
+    data["replicas"] = [_upgraded_replica(rep) for rep in _kind(list)(data.get("replicas"))]
+    return data
+
+
+def _upgraded_replica(data: Any) -> dict[str, Any]:
+    rep: dict[str, Any] = dict(_kind(dict)(data))
+    lost, logs, error = rep.pop("lost", False), rep.pop("logs", False), str(rep.pop("error", ""))
+    log_error = rep.get("log_error") or ""
+    final = lost or rep.get("exit_code") is not None
+    rep["vanished"] = (error or "vanished before its exit code could be read") if lost else ""
+    # The error of an exit was one or more " (...)" suffixes.
+    rep["exit_note"] = "" if lost else "; ".join(re.findall(r"\(([^()]*)\)", error))
+    rep["logs"] = "recorded" if logs else "retry" if log_error else "lost" if final else "in_container"
+    rep.setdefault("request", None)
+    rep.setdefault("ended", None)
+    rep["log_error"] = log_error
+    return rep
+
+
+# -- building records ---------------------------------------------------------
+
+# docker-py's helper types are dicts underneath: kept as plain dicts, rebuilt on the way out.
+_DOCKER_TYPES: dict[str, type[dict[str, Any]]] = {
+    "mounts": docker.types.Mount,
+    "device_requests": docker.types.DeviceRequest,
+    "ulimits": docker.types.Ulimit,
+    "log_config": docker.types.LogConfig,
+}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with builtin types only, as the restricted unpickler reads them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool, bytes)):
+        return value
+    return str(value)
+
+
+def _docker_typed(cls: type[dict[str, Any]], value: dict[str, Any]) -> Any:
+    typed = cls.__new__(cls)  # their constructors take other spellings than the dicts they build
+    typed.update(value)
+    return typed
+
+
+def _container_kwargs(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """The kwargs of a recorded request, with docker-py's helper types rebuilt."""
+    kwargs = copy.deepcopy(dict(plain))
+    for key, cls in _DOCKER_TYPES.items():
+        value = kwargs.get(key)
+        if isinstance(value, list):
+            kwargs[key] = [_docker_typed(cls, v) if isinstance(v, dict) else v for v in value]
+        elif isinstance(value, dict):
+            kwargs[key] = _docker_typed(cls, value)
+    return kwargs
+
+
+def _record_from_job(job: DockerJob, app: AppDef | None, remove_on_exit: bool) -> AppRecord:
+    """The record schedule() writes before it creates anything: starting, no end seen."""
+    replicas = []
+    for c in job.containers:
+        labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
+        request = ContainerRequest(c.image, tuple(str(a) for a in c.command), _plain(c.kwargs))
+        role, replica_id = labels[LABEL_ROLE_NAME], int(labels[LABEL_REPLICA_ID])
+        replicas.append(ReplicaRecord(role, replica_id, str(c.kwargs["name"]), request))
+    if app is not None:
+        roles = tuple(RoleRecord.of(r) for r in app.roles)
+    else:  # a hand-made AppDryRunInfo: the containers are all there is
+        roles = _roles_from_replicas(
+            replicas, {c.kwargs["name"]: (c.image, c.command) for c in job.containers}
+        )
+    return AppRecord(job.app_id, time.time(), roles, tuple(replicas), remove_on_exit, starting=True)
+
+
+def _roles_from_replicas(
+    replicas: Sequence[ReplicaRecord], commands: Mapping[Any, tuple[str, Sequence[str]]]
+) -> tuple[RoleRecord, ...]:
+    roles: dict[str, RoleRecord] = {}
+    for rep in replicas:
+        image, command = commands.get(rep.name, ("", []))
+        known = roles.get(rep.role)
+        if known is not None:
+            roles[rep.role] = dataclasses.replace(known, num_replicas=known.num_replicas + 1)
+        else:
+            entrypoint, args = (command[0], tuple(command[1:])) if command else ("", ())
+            roles[rep.role] = RoleRecord(rep.role, image, entrypoint, args, {}, 1, 0)
+    return tuple(roles.values())
+
+
+def _container_name(container: Mapping[str, Any]) -> str:
+    return str(container["Names"][0]).lstrip("/")
+
+
+def _by_app(containers: Iterable[Mapping[str, Any]]) -> dict[str, builtins.list[Mapping[str, Any]]]:
+    """Listed containers grouped by the app id label."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for c in containers:
+        groups.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
+    return groups
+
+
+def _records_from_containers(containers: Iterable[Mapping[str, Any]]) -> dict[str, AppRecord]:
+    """Records for apps known only from their containers (none of their ends seen yet)."""
+    records = {}
+    for app_id, group in _by_app(containers).items():
+        group.sort(key=lambda c: (c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID])))
+        replicas = tuple(
+            ReplicaRecord(
+                c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c)
+            )
+            for c in group
+        )
+        commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
+        roles = _roles_from_replicas(replicas, commands)
+        records[app_id] = AppRecord(app_id, time.time(), roles, replicas)
+    return records
+
+
+def _job_from_record(record: AppRecord) -> DockerJob:
+    """The request as scheduled; for records of format 1, what they kept of it."""
+    roles = {r.name: r for r in record.roles}
+    containers = []
+    for rep in record.replicas:
+        request = rep.request
+        if request is None:
+            role = roles[rep.role]
+            env = dict(role.env)
+            request = ContainerRequest(
+                role.image, (role.entrypoint, *role.args), {"name": rep.name, "environment": env}
+            )
+        kwargs: dict[str, object] = _container_kwargs(request.kwargs)
+        containers.append(DockerContainer(request.image, list(request.command), kwargs))
+    return DockerJob(app_id=record.app_id, containers=containers)
+
+
+# -- states -------------------------------------------------------------------
+
+# A listed container's Status reads e.g. "Exited (137) 3 seconds ago".
+_EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
+
+
+def _listed_state(container: Mapping[str, Any]) -> AppState:
+    """A container's state as ``docker ps`` lists it, its exit code read from the status text."""
+    if container["State"] == "exited":
+        match = _EXITED_STATUS.match(container.get("Status") or "")
+        if match is None:
+            return AppState.UNKNOWN
+        return AppState.SUCCEEDED if int(match.group(1)) == 0 else AppState.FAILED
+    return _CONTAINER_STATES.get(container["State"], AppState.UNKNOWN)
+
+
+def _replica_state(rep: ReplicaRecord, live: Mapping[str, AppState], cancelled: bool) -> AppState:
+    if rep.exit_code == 0:
+        return AppState.SUCCEEDED
+    if rep.final:  # a failure, or an exit code that is gone: never SUCCEEDED, and terminal, so waits end
+        return AppState.CANCELLED if cancelled else AppState.FAILED
+    return live.get(rep.name, AppState.UNKNOWN)
+
+
+def _app_state(states: Sequence[AppState], *, cancelled: bool = False) -> AppState:
+    """An app's state from its replicas': any failure fails it, and it succeeds when all did."""
+    if cancelled:
+        return AppState.CANCELLED
+    if AppState.FAILED in states:
+        return AppState.FAILED
+    if states and all(s == AppState.SUCCEEDED for s in states):
+        return AppState.SUCCEEDED
+    active = [s for s in states if s in _ACTIVE]
+    return min(active) if active else AppState.UNKNOWN
+
+
+def _record_state(record: AppRecord, live: Mapping[str, AppState]) -> AppState:
+    """The app's state from its record and the live states of the replicas still going."""
+    if record.start_error:
+        return AppState.FAILED
+    if record.starting and not record.cancelled:
+        return AppState.SUBMITTED
+    states = [_replica_state(rep, live, record.cancelled) for rep in record.replicas]
+    return _app_state(states, cancelled=record.cancelled)
+
+
+def _final_state(record: AppRecord) -> str | None:
+    """The state's name once nothing about the app can change any more, else None."""
+    return None if record.asks_docker else _record_state(record, {}).name
+
+
+def _problems(record: AppRecord) -> builtins.list[str]:
+    """What went wrong, for ``describe().msg``."""
+    problems = [record.start_error] if record.start_error else []
+    if record.cancelled:
+        problems.append("cancelled")
+    for rep in record.replicas:
+        where = f"{rep.role}/{rep.id}"
+        if rep.failed:
+            verb = "was stopped" if record.cancelled else "exited"
+            note = f" ({rep.exit_note})" if rep.exit_note else ""
+            problems.append(f"{where} {verb} with code {rep.exit_code}{note}")
+        elif rep.vanished:
+            problems.append(f"{where}: container {rep.name} {rep.vanished}")
+        if rep.logs_pending:
+            problems.append(f"{where}: logs not recorded yet ({rep.log_error})")
+    return problems
+
+
+def _describe_record(record: AppRecord, live: Mapping[str, AppState]) -> DescribeAppResponse:
+    statuses = {r.name: RoleStatus(r.name, []) for r in record.roles}
+    for rep in record.replicas:
+        state = _replica_state(rep, live, record.cancelled)
+        status = statuses.setdefault(rep.role, RoleStatus(rep.role, []))
+        status.replicas.append(ReplicaStatus(id=rep.id, state=state, role=rep.role, hostname=rep.name))
+    return DescribeAppResponse(
+        app_id=record.app_id,
+        state=_record_state(record, live),
+        num_restarts=max((rep.restarts for rep in record.replicas), default=0),
+        msg="; ".join(_problems(record)),
+        roles=[r.to_role() for r in record.roles],
+        roles_statuses=list(statuses.values()),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Session store
+# ---------------------------------------------------------------------------
+# The state directory holds ``<session>.pickle``, its ``.lock`` and the log
+# directory ``<session>.logs``. The session file is unpickled, so it must be
+# private: owned by the user, writable by nobody else.
+
+
+def _check_session_name(session_name: str) -> None:
+    bad = [sep for sep in ("/", os.sep, os.altsep, "\0") if sep]
+    if not session_name or ".." in session_name or any(s in session_name for s in bad):
+        raise ValueError(
+            f"invalid session name {session_name!r}: it names the session file, so it must be "
+            "non-empty and hold no path separator or '..' (e.g. 'my_experiments')"
+        )
+
+
+def _check_private(path: str, st: os.stat_result) -> None:
+    """Refuses state that someone else could have written: it is unpickled."""
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing to read it. "
+            f"Fix: `chown {os.getuid()} {path}`, or use another state_dir"
+        )
+    if st.st_mode & 0o022:
+        raise PermissionError(
+            f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}); refusing to read it. "
+            f"Fix: `chmod go-w {path}`"
+        )
+
+
+def _resolve_state_dir(state_dir: str | None) -> str:
+    base = state_dir or os.environ.get(STATE_DIR_ENV)
+    if not base:
+        xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        base = os.path.join(xdg, "docker_scheduler")
+    path = os.path.abspath(os.path.expanduser(base))
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    _check_private(path, os.stat(path))
+    return path
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Loads builtin types only, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: session files hold builtin types only")
+
+
+def _unpickled(source: Any, what: str) -> Any:
+    try:
+        return _RestrictedUnpickler(source).load()
+    except Exception as e:  # any byte string can come in: each failure means corrupt
+        raise _CorruptSession(f"{what}: {type(e).__name__}: {e}") from e
+
+
+#: One app in the session file: when it was scheduled, its state once nothing can
+#: change it (so that ``list`` need not decode it), and its record, pickled on its
+#: own so that a write pickles only the records that changed.
+_Entry = tuple[float, "str | None", bytes]
+
+
+def _encode(record: AppRecord) -> _Entry:
+    blob = pickle.dumps(record.to_plain(), protocol=pickle.HIGHEST_PROTOCOL)
+    return (record.created, _final_state(record), blob)
+
+
+def _decode(app_id: str, blob: bytes, upgrade: bool = False) -> AppRecord:
+    plain = _unpickled(io.BytesIO(blob), f"record for {app_id!r}")
+    try:
+        record = _from_plain(AppRecord, _upgraded(plain) if upgrade else plain)
+    except (_CorruptSession, TypeError, ValueError) as e:
+        raise _CorruptSession(f"record for {app_id!r}: {e}") from e
+    if record.app_id != app_id:
+        raise _CorruptSession(f"record for {app_id!r} names app {record.app_id!r}")
+    return record
+
+
+def _checked_entry(app_id: Any, entry: Any) -> _Entry:
+    if not (isinstance(app_id, str) and type(entry) is tuple and len(entry) == 3):
+        raise _CorruptSession(f"malformed entry for {app_id!r}")
+    created, state, blob = entry
+    if not (
+        isinstance(created, float)
+        and isinstance(blob, bytes)
+        and (state is None or state in AppState.__members__)
+    ):
+        raise _CorruptSession(f"malformed entry for {app_id!r}")
+    return entry
+
+
+def _read_entries(data: Any, session_name: str) -> tuple[dict[str, _Entry], dict[str, AppRecord]]:
+    """The entries of an unpickled session file, and the records decoded on the way (formats 1 and 2)."""
+    version = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if version not in _READABLE_FORMATS:
+        raise _CorruptSession(f"format {version!r}, expected one of {_READABLE_FORMATS}")
+    apps = data.get("apps")
+    if data.get("session") != session_name or not isinstance(apps, dict):
+        raise _CorruptSession("not a session file of this session")
+    if version == FORMAT_VERSION:
+        return {app_id: _checked_entry(app_id, entry) for app_id, entry in apps.items()}, {}
+    records = {}
+    for app_id, blob in apps.items():
+        if not isinstance(blob, bytes):
+            raise _CorruptSession(f"malformed record for {app_id!r}")
+        records[app_id] = _decode(app_id, blob, upgrade=True)
+    return {app_id: _encode(r) for app_id, r in records.items()}, records
+
+
+_Fingerprint = tuple[int, int, int, int]
+
+
+def _fingerprint(st: os.stat_result) -> _Fingerprint:
+    """What changes whenever the session file is replaced or rewritten."""
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+class _Apps(MutableMapping[str, AppRecord]):
+    """The session's apps as the store holds them: records are decoded when first read,
+    and what is set or deleted is collected in ``changes`` for the store to write."""
+
+    def __init__(self, store: _SessionStore) -> None:
+        self._store = store
+        #: app id to its new record, or None when deleted
+        self.changes: dict[str, AppRecord | None] = {}
+
+    def __getitem__(self, app_id: str) -> AppRecord:
+        record = self.changes[app_id] if app_id in self.changes else self._store.record(app_id)
+        if record is None:
+            raise KeyError(app_id)
+        return record
+
+    def __setitem__(self, app_id: str, record: AppRecord) -> None:
+        self.changes[app_id] = record
+
+    def __delitem__(self, app_id: str) -> None:
+        self[app_id]
+        self.changes[app_id] = None
+
+    def __iter__(self) -> Iterator[str]:
+        unchanged = (app_id for app_id in self._store.ids() if app_id not in self.changes)
+        return itertools.chain(unchanged, (app_id for app_id, r in self.changes.items() if r is not None))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class _SessionStore:
+    """The session file: re-read only when it changed, replaced atomically under a lock.
+
+    Reading the file unpickles one dict of entries; a record is decoded only
+    when asked for, so a process that asks for one app pays for one record.
+    A file or record that does not have the expected shape is moved aside
+    under the lock, and the session rebuilt by ``rebuild``.
+    """
+
+    def __init__(
+        self, directory: str, session_name: str, rebuild: Callable[[], dict[str, AppRecord]]
+    ) -> None:
+        self.path = os.path.join(directory, f"{session_name}.pickle")
+        self._lock_path = os.path.join(directory, f"{session_name}.lock")
+        self._session_name = session_name
+        self._rebuild = rebuild
+        self._fingerprint: _Fingerprint | None = None
+        self._entries: dict[str, _Entry] = {}
+        self._records: dict[str, AppRecord] = {}  # decoded so far
+        self._held = threading.local()
+        self._temp_name = re.compile(re.escape(f".{session_name}.") + r"[a-z0-9_]{8}\.tmp")
+
+    def get(self, app_id: str) -> AppRecord | None:
+        """The app's record as of the last write by any process, or None."""
+        self._refresh()
+        return self.record(app_id)
+
+    def apps(self) -> _Apps:
+        """Every app, as of the last write by any process; records are decoded as they are read."""
+        self._refresh()
+        return _Apps(self)
+
+    def summaries(self) -> builtins.list[tuple[str, str | None]]:
+        """Each app's id and its final state's name (None while it can change), oldest first."""
+        self._refresh()
+        ordered = sorted(self._entries.items(), key=lambda item: item[1][0])
+        return [(app_id, entry[1]) for app_id, entry in ordered]
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[_Apps]:
+        """Yields the freshest apps under the lock, and writes back what was changed."""
+        with self._locked():
+            apps = self.apps()
+            yield apps
+            if apps.changes:
+                self._write(apps.changes)
+
+    def ids(self) -> builtins.list[str]:
+        return list(self._entries)
+
+    def record(self, app_id: str) -> AppRecord | None:
+        """The record as last read, decoded on first use."""
+        if app_id not in self._entries:
+            return None
+        record = self._records.get(app_id)
+        if record is None:
+            try:
+                record = _decode(app_id, self._entries[app_id][2])
+            except _CorruptSession as e:
+                self._recover(e, app_id)
+                return self._records.get(app_id) if app_id in self._entries else None
+            self._records[app_id] = record
+        return record
+
+    def _refresh(self) -> None:
+        try:
+            fingerprint: _Fingerprint | None = _fingerprint(os.stat(self.path))
+        except FileNotFoundError:
+            fingerprint = None
+        if fingerprint != self._fingerprint:
+            try:
+                self._load()
+            except _CorruptSession as e:
+                self._recover(e)
+
+    def _recover(self, error: _CorruptSession, app_id: str | None = None) -> None:
+        with self._locked():
+            try:  # another process may have replaced the file meanwhile
+                self._load()
+                if app_id is not None and app_id in self._entries:
+                    self._records[app_id] = _decode(app_id, self._entries[app_id][2])
+            except _CorruptSession as again:
+                self._quarantine(again)
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                _check_private(self.path, st)
+                data = _unpickled(f, "the file")
+        except FileNotFoundError:
+            self._fingerprint, self._entries, self._records = None, {}, {}
+            return
+        entries, records = _read_entries(data, self._session_name)
+        self._fingerprint, self._entries, self._records = _fingerprint(st), entries, records
+
+    def _quarantine(self, error: Exception) -> None:
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.replace(self.path, aside)
+        log.warning(
+            "session file %s could not be read (%s); moved it to %s and rebuilt the session "
+            "from the containers labelled with it",
+            self.path,
+            error,
+            aside,
+        )
+        try:
+            rebuilt = self._rebuild()
+        except Exception as e:
+            log.warning("could not rebuild session %s from Docker: %s", self._session_name, e)
+            rebuilt = {}
+        self._fingerprint, self._entries, self._records = None, {}, {}
+        self._write(dict(rebuilt))
+
+    def _write(self, changes: Mapping[str, AppRecord | None]) -> None:
+        entries, records = dict(self._entries), dict(self._records)
+        for app_id, record in changes.items():
+            if record is None:
+                entries.pop(app_id, None)
+                records.pop(app_id, None)
+            else:
+                entries[app_id], records[app_id] = _encode(record), record
+        data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": entries}
+        directory = os.path.dirname(self.path)
+        self._remove_stale_temp_files(directory)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._session_name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fingerprint, self._entries, self._records = _fingerprint(os.stat(self.path)), entries, records
+
+    def _remove_stale_temp_files(self, directory: str) -> None:
+        # Writers hold the lock, so a temp file seen under it was left by one that died.
+        for entry in os.scandir(directory):
+            if self._temp_name.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # flock is per open file, so a thread that already holds it must not take it again.
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Docker adapter
+# ---------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _fan_out(fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
+    """``fn`` over ``items``, at most ``_DOCKER_WORKERS`` at once; an error is raised once all ended."""
+    if len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(_DOCKER_WORKERS, len(items)), thread_name_prefix="docker-scheduler") as pool:
+        return list(pool.map(fn, items))
+
+
+def _attempt(fn: Callable[[_T], object], item: _T) -> BaseException | None:
+    """The error ``fn(item)`` raised, or None."""
+    try:
+        fn(item)
+    except Exception as e:
+        return e
+    return None
+
+
+class _PullProgress:
+    """Layers done and bytes downloaded, from the events of ``docker pull``."""
+
+    _LAYER_STATUSES = frozenset(
+        {
+            "Pulling fs layer",
+            "Waiting",
+            "Downloading",
+            "Verifying Checksum",
+            "Download complete",
+            "Extracting",
+            "Pull complete",
+            "Already exists",
+        }
+    )
+
+    def __init__(self) -> None:
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.done: set[str] = set()
+
+    def update(self, event: Mapping[str, Any]) -> None:
+        layer, status = event.get("id"), event.get("status")
+        if not layer or status not in self._LAYER_STATUSES:
+            return
+        current, total = self.layers.get(layer, (0, 0))
+        detail = event.get("progressDetail") or {}
+        if status == "Downloading":
+            current, total = int(detail.get("current", current)), int(detail.get("total") or total)
+        elif status in ("Download complete", "Pull complete", "Already exists"):
+            current = total
+        self.layers[layer] = (current, total)
+        if status in ("Pull complete", "Already exists"):
+            self.done.add(layer)
+
+    def __str__(self) -> str:
+        have = sum(current for current, _ in self.layers.values())
+        total = sum(total for _, total in self.layers.values())
+        return f"{len(self.done)}/{len(self.layers)} layers done, {have / 1e6:.1f}/{total / 1e6:.1f} MB"
+
+
+class _Docker:
+    """The Docker daemon as this module uses it: one lazily made client, containers found by
+    label, creation with rollback, stop and remove side by side, images, and log bodies.
+
+    Connection failures come out as :py:class:`DockerUnavailableError`, naming the endpoint.
+    """
+
+    def __init__(self) -> None:
+        self._client: DockerClient | None = None
+
+    @property
+    def client(self) -> DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env()
+            except DockerException as e:
+                raise _unavailable(e) from e
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+    def containers(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
+        """Every container, running or not, that carries all of ``labels``."""
+        wanted = [f"{key}={value}" for key, value in labels.items()]
+        with _reaching_docker():
+            found: list[dict[str, Any]] = self.client.api.containers(all=True, filters={"label": wanted})
+        return found
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        """``docker inspect`` of a container, or None when it is gone."""
+        try:
+            inspected: dict[str, Any] = self.client.api.inspect_container(name)
+        except NotFound:
+            return None
+        return inspected
+
+    def start_all(
+        self, containers: Sequence[DockerContainer]
+    ) -> tuple[DockerContainer, BaseException] | None:
+        """Creates and starts every container; when one fails, removes them all.
+
+        Returns the first container that failed and its error, or None when all started.
+        """
+        client = self.client
+
+        def start(c: DockerContainer) -> None:
+            client.containers.create(c.image, c.command, **c.kwargs).start()
+
+        with _reaching_docker():
+            errors = _fan_out(lambda c: _attempt(start, c), containers)
+            failed = [(c, e) for c, e in zip(containers, errors, strict=True) if e is not None]
+            if not failed:
+                return None
+            self.remove([str(c.kwargs["name"]) for c in containers])
+            if isinstance(failed[0][1], requests.exceptions.ConnectionError):
+                raise failed[0][1]
+        return failed[0]
+
+    def stop(self, names: Sequence[str], timeout: int = STOP_TIMEOUT) -> None:
+        api = self.client.api
+
+        def stop(name: str) -> None:
+            with contextlib.suppress(NotFound):
+                api.stop(name, timeout=timeout)
+
+        with _reaching_docker():
+            _fan_out(stop, names)
+
+    def remove(self, names: Sequence[str]) -> None:
+        api = self.client.api
+
+        def remove(name: str) -> None:
+            with contextlib.suppress(NotFound):
+                api.remove_container(name, force=True)
+
+        with _reaching_docker():
+            _fan_out(remove, names)
+
+    def prepare(self, images: Iterable[str], policy: str) -> None:
+        """Makes every image available as ``policy`` says, and torchx's network."""
+        with _reaching_docker():
+            for image in sorted(images):
+                if not image.startswith("sha256:"):  # an id names a local image: nothing to pull
+                    self._prepare_image(image, policy)
+            ensure_network(self.client)
+
+    def _prepare_image(self, image: str, policy: str) -> None:
+        if policy == "always":
+            try:
+                self._pull(image)
+            except DockerException as e:
+                log.warning("failed to pull image %s, falling back to the local copy: %s", image, e)
+            return
+        if self._has_image(image):
+            return
+        if policy == "never":
+            raise ValueError(
+                f"image {image!r} is not on this Docker host and image_pull=never forbids pulling it: "
+                f"run `docker pull {image}` first, or use image_pull=missing"
+            )
+        try:
+            self._pull(image)
+        except DockerException as e:
+            raise RuntimeError(
+                f"image {image!r} is not on this Docker host and pulling it failed: {e}"
+            ) from e
+
+    def _has_image(self, image: str) -> bool:
+        try:
+            self.client.api.inspect_image(image)
+        except NotFound:
+            return False
+        return True
+
+    def _pull(self, image: str) -> None:
+        """Pulls ``image``, logging progress at most every ``PULL_PROGRESS_INTERVAL`` seconds."""
+        log.info("pulling image %s", image)
+        progress = _PullProgress()
+        last = time.monotonic()
+        for event in self.client.api.pull(image, stream=True, decode=True):
+            if "error" in event:
+                raise DockerException(event["error"])
+            progress.update(event)
+            if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
+                last = time.monotonic()
+                log.info("pulling %s: %s", image, progress)
+        log.info("pulled image %s", image)
+
+    def logs(
+        self,
+        name: str,
+        streams: Iterable[str],
+        *,
+        timestamps: bool,
+        follow: bool,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> requests.Response:
+        """One ``GET /containers/<name>/logs`` for the given streams, its body left to read.
+
+        docker-py reads such a body a frame at a time; reading it in large blocks
+        (see :py:func:`_frames`) is what makes a harvest as fast as ``docker logs``.
+        """
+        params: dict[str, Any] = {
+            "stdout": int("stdout" in streams),
+            "stderr": int("stderr" in streams),
+            "timestamps": int(timestamps),
+            "follow": int(follow),
+            "tail": "all",
+        }
+        if since is not None:
+            params["since"] = since
+        if until is not None:
+            params["until"] = until
+        api = self.client.api
+        # No read timeout: a followed log may stay quiet for as long as its replica runs.
+        response: requests.Response = api._get(
+            api._url("/containers/{0}/logs", name), params=params, stream=True, timeout=None
+        )
+        api._raise_for_status(response)
+        return response
+
+
+# ---------------------------------------------------------------------------
+# Log directory and harvest
+# ---------------------------------------------------------------------------
+# A harvested log is what `docker logs --timestamps` prints for one stream:
+# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
+# so since/until compare as bytes and two streams merge in time order.
+
+# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
+# fraction (or prints none) and may print an offset.
+_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
+    """A leading RFC 3339 timestamp: UTC date and time to the second, 9 fraction digits, its length."""
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        return None
+    base, fraction, zone = match.groups()
+    if zone != b"Z":
+        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
+        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
+    return base, (fraction or b"").ljust(9, b"0"), match.end()
+
+
+def _fixed_stamp(line: bytes) -> bytes:
+    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
+    if line[19:20] == b"." and line[29:31] == b"Z ":
+        return line  # dockerd's own
+    parsed = _parse_timestamp(line)
+    if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
+        return line
+    base, fraction, end = parsed
+    return b"%s.%sZ%s" % (base, fraction, line[end:])
+
+
+def _finished_at(stamp: Any) -> float:
+    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
+    parsed = _parse_timestamp(str(stamp).encode())
+    if parsed is None:
+        return time.time()
+    base, fraction, _ = parsed
+    finished = (
+        datetime.fromisoformat(base.decode()).replace(tzinfo=timezone.utc).timestamp() + int(fraction) / 1e9
+    )
+    return finished if finished > 0 else time.time()
+
+
+def _epoch(dt: datetime | None) -> float | None:
+    """``dt`` as Docker's API takes it (naive datetimes are UTC), or None when it filters nothing."""
+    if dt is None:
+        return None
+    seconds = _as_utc(dt).timestamp()
+    return seconds if seconds > 0 else None
+
+
+def _as_utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+def _docker_time(dt: datetime | None) -> bytes | None:
+    """``dt`` as Docker prints log timestamps, or None when it filters nothing."""
+    if dt is None or _epoch(dt) is None:
+        return None
+    return _as_utc(dt).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+
+
+# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
+# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
+_FRAME_HEADER = struct.Struct(">BxxxL")
+_STDOUT, _STDERR = 1, 2
+_READ_SIZE = 1 << 20
+
+
+def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(stream id, payload) for each frame of a log body read in blocks of any size.
+
+    A raw (TTY) body has no frames: each of its lines comes out as one stdout payload.
+    """
+    blocks = iter(blocks)
+    head = b""
+    for block in blocks:  # a frame header is 8 bytes: decide on no less
+        head += block
+        if len(head) >= _FRAME_HEADER.size:
+            break
+    rest = itertools.chain([head], blocks)
+    if head[:1] in (b"\0", b"\1", b"\2") and head[1:4] == b"\0\0\0" and len(head) >= _FRAME_HEADER.size:
+        yield from _demultiplexed(rest)
+    else:
+        yield from ((_STDOUT, line) for line in _whole_lines(rest))
+
+
+def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    data, pos = b"", 0
+    for block in blocks:
+        data = data[pos:] + block if pos < len(data) else block
+        pos, size = 0, len(data)
+        while pos + 8 <= size:
+            stream, length = _FRAME_HEADER.unpack_from(data, pos)
+            end = pos + 8 + length
+            if end > size:
+                break
+            yield stream, data[pos + 8 : end]
+            pos = end
+
+
+def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]) -> None:
+    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all."""
+    files: dict[int, Any] = {}
+    temps: dict[int, str] = {}
+    try:
+        for stream, dest in dests.items():
+            fd, temps[stream] = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
+            files[stream] = os.fdopen(fd, "wb", buffering=_READ_SIZE)
+        continued = dict.fromkeys(dests, False)
+        for stream, payload in frames:
+            out = files.get(stream)
+            if out is None:
+                continue
+            # A line Docker split into frames keeps its first timestamp only.
+            payload = payload.partition(b" ")[2] if continued[stream] else _fixed_stamp(payload)
+            out.write(payload)
+            continued[stream] = not payload.endswith(b"\n")
+        for stream, out in files.items():
+            out.close()
+            os.replace(temps.pop(stream), dests[stream])
+    finally:
+        for out in files.values():
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+                out.close()
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _read_harvested(
+    path: str, since: datetime | None, until: datetime | None
+) -> Iterator[tuple[bytes, bytes]]:
+    low, high = _docker_time(since), _docker_time(until)
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                ts, _, text = raw.partition(b" ")
+                if low is not None and ts < low:
+                    continue
+                if high is not None and ts > high:
+                    break
+                yield ts, text
+    except FileNotFoundError:  # this stream never wrote a line
+        return
+
+
+def _harvested_lines(paths: Sequence[str], since: datetime | None, until: datetime | None) -> Iterator[bytes]:
+    streams = [_read_harvested(p, since, until) for p in paths]
+    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
+        yield text
+
+
+def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
+    """Why logs could not be recorded, and what fixes it."""
+    if isinstance(error, OSError) and not isinstance(error, requests.exceptions.RequestException):
+        return f"{error.strerror or error} in {log_dir}", "free space there or make it writable"
+    if isinstance(error, docker.errors.APIError) and (
+        error.status_code == 501 or "log driver" in str(error.explanation)  # Podman: 500, "'none' log driver"
+    ):
+        return (
+            f"Docker cannot read them back: {error.explanation}",
+            "run it with a logging driver Docker can read (json-file, local, journald) or turn on the "
+            "daemon's dual logging; until then `docker logs` cannot show them either",
+        )
+    return f"{type(error).__name__}: {error}", "check that the Docker daemon answers"
+
+
+class _LogDir:
+    """``<state_dir>/<session>.logs``: a directory an app, holding its start lock, the marker
+    that says its containers started, and each replica's harvested ``<role>.<id>.<stream>`` files."""
+
+    def __init__(self, state_dir: str, session_name: str) -> None:
+        self.root = os.path.join(state_dir, f"{session_name}.logs")
+        self._warned: set[tuple[str, str]] = set()
+
+    def app_dir(self, app_id: str) -> str:
+        if not _CONTAINER_NAME.fullmatch(app_id):  # it names a directory: no separators, no '..'
+            raise ValueError(f"app id {app_id!r} cannot name a log directory")
+        return os.path.join(self.root, app_id)
+
+    def _file(self, app_id: str, rep: ReplicaRecord, stream: str) -> str:
+        return os.path.join(self.app_dir(app_id), f"{rep.role}.{rep.id}.{stream}")
+
+    def lock_start(self, app_id: str) -> contextlib.ExitStack:
+        """Takes the app's start lock, which readers test to leave a starting record alone.
+
+        The lock is a ``flock`` on the app's directory, so it dies with the process
+        that holds it; it is released when the returned stack closes.
+        """
+        os.makedirs(self.app_dir(app_id), mode=0o700, exist_ok=True)
+        fd = os.open(self.app_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
+        held = contextlib.ExitStack()
+        held.callback(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return held
+
+    def start_in_progress(self, app_id: str) -> bool:
+        try:
+            fd = os.open(self.app_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def mark_started(self, app_id: str) -> None:
+        # Without it, a replica that vanishes reads "never created".
+        with contextlib.suppress(OSError):
+            os.close(os.open(os.path.join(self.app_dir(app_id), _STARTED), os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def started(self, app_id: str) -> bool:
+        return os.path.exists(os.path.join(self.app_dir(app_id), _STARTED))
+
+    def write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> None:
+        """Writes a replica's stdout and stderr frames to its two files, each whole or not at all."""
+        os.makedirs(self.app_dir(app_id), mode=0o700, exist_ok=True)
+        dests = {_STDOUT: self._file(app_id, rep, "stdout"), _STDERR: self._file(app_id, rep, "stderr")}
+        _write_streams(frames, dests)
+
+    def harvest(self, docker_: _Docker, app_id: str, rep: ReplicaRecord) -> _End:
+        """Streams an ended replica's stdout and stderr from Docker to its files.
+
+        Returns its new log status; a failure is logged (once for each cause) and returned, not raised.
+        """
+        try:
+            response = docker_.logs(rep.name, ("stdout", "stderr"), timestamps=True, follow=False)
+            with contextlib.closing(response):
+                self.write(app_id, rep, _frames(response.iter_content(_READ_SIZE)))
+        except NotFound:
+            log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
+            return {"logs": "lost", "log_error": ""}
+        except (DockerException, OSError, requests.exceptions.RequestException) as e:
+            reason, fix = _harvest_failure(e, self.app_dir(app_id))
+            _warn_once(
+                self._warned,
+                (rep.name, reason),
+                "could not record the logs of container %s (%s): its exit code is recorded and the "
+                "container is kept until they are; %s. The next describe, list, log_iter or close "
+                "tries again",
+                rep.name,
+                reason,
+                fix,
+            )
+            return {"logs": "retry", "log_error": reason}
+        return {"logs": "recorded", "log_error": ""}
+
+    def lines(
+        self,
+        app_id: str,
+        rep: ReplicaRecord,
+        streams: Sequence[str],
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Iterator[bytes]:
+        """The harvested lines of ``streams``, merged in time order, within ``since`` and ``until``."""
+        return _harvested_lines([self._file(app_id, rep, s) for s in streams], since, until)
+
+    def discard(self, app_id: str) -> None:
+        """Removes the app's directory if it is empty, as a schedule that recorded nothing leaves it."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.app_dir(app_id))
+
+    def remove(self, app_id: str) -> None:
+        if _CONTAINER_NAME.fullmatch(app_id):
+            shutil.rmtree(self.app_dir(app_id), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Reconciliation: what a record and Docker's listing call for
+# ---------------------------------------------------------------------------
+# Deciding is pure: _plan() looks at a record and the containers Docker listed
+# for it, and says which replicas still run, which ended and must be inspected
+# and harvested, whose logs to try again, and which ends are known already. The
+# scheduler carries the plan out, records the ends, and only then removes
+# containers.
+
+#: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
+_End = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What to do about one app, from its record and Docker's listing."""
+
+    #: live states of the replicas still going, by container name
+    live: Mapping[str, AppState] = dataclasses.field(default_factory=dict)
+    #: containers that ended: read the exit code, then harvest the logs
+    inspect: tuple[str, ...] = ()
+    #: ended replicas whose logs could not be recorded before: harvest again
+    retry: tuple[str, ...] = ()
+    #: ends known without asking Docker again
+    ends: Mapping[str, _End] = dataclasses.field(default_factory=dict)
+    #: the record changes even when no replica ended: it is no longer starting
+    write: bool = False
+
+
+_NEVER_CREATED = "was never created: the process starting the app ended first"
+_VANISHED = "vanished before its exit code could be read"
+
+
+def _plan(
+    record: AppRecord,
+    listed: Mapping[str, Mapping[str, Any]],
+    *,
+    start_in_progress: bool,
+    started: bool,
+    now: float,
+) -> _Plan:
+    """Decides what ``listed`` (containers by name) means for ``record``; performs no I/O.
+
+    A record still starting in another process is left alone: its replicas read
+    as listed. Once its start is over, a replica without a container was never
+    created, unless the app's started marker says otherwise.
+    """
+    if record.starting and start_in_progress:
+        return _Plan(
+            live={name: _CONTAINER_STATES.get(c["State"], AppState.UNKNOWN) for name, c in listed.items()}
+        )
+    live: dict[str, AppState] = {}
+    ends: dict[str, _End] = {}
+    inspect, retry = [], []
+    for rep in record.replicas:
+        container = listed.get(rep.name)
+        if rep.logs_pending and container is None:
+            ends[rep.name] = {"logs": "lost", "log_error": ""}
+        elif rep.logs_pending:
+            retry.append(rep.name)
+        elif rep.final:
+            continue
+        elif container is None:
+            why = _NEVER_CREATED if record.starting and not started else _VANISHED
+            ends[rep.name] = {"vanished": why, "ended": now, "logs": "lost"}
+        elif container["State"] in _ENDED:
+            inspect.append(rep.name)
+        else:
+            live[rep.name] = _CONTAINER_STATES.get(container["State"], AppState.UNKNOWN)
+    return _Plan(live, tuple(inspect), tuple(retry), ends, write=record.starting)
+
+
+def _exit_end(inspected: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The end ``docker inspect`` shows, or None when the container is going again (restarted)."""
+    state = inspected["State"]
+    if state.get("Status") not in _ENDED or state.get("Running") or state.get("Restarting"):
+        return None
+    notes = ["out of memory"] if state.get("OOMKilled") else []
+    if state.get("Error"):
+        notes.append(str(state["Error"]))
+    return {
+        "exit_code": int(state["ExitCode"]),
+        "exit_note": "; ".join(notes),
+        "restarts": int(inspected.get("RestartCount") or 0),
+        "ended": _finished_at(state.get("FinishedAt")),
+    }
+
+
+def _removable(record: AppRecord, ended: Iterable[str]) -> builtins.list[str]:
+    """Containers of ``ended`` replicas that ``remove_on_exit`` may remove: their logs are recorded."""
+    if not record.remove_on_exit:
+        return []
+    names = set(ended)
+    return [rep.name for rep in record.replicas if rep.name in names and rep.logs == "recorded"]
+
+
 # ---------------------------------------------------------------------------
 # Scheduler
 # ---------------------------------------------------------------------------
@@ -1234,7 +1806,8 @@ class PersistentDockerScheduler(DockerScheduler):
         self.detach = detach
         self.state_dir: str = _resolve_state_dir(state_dir)
         self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
-        self._client: DockerClient | None = None
+        self._logs = _LogDir(self.state_dir, session_name)
+        self._docker = _Docker()
         self._scheduled: list[str] = []
         self._warned: set[tuple[str, str]] = set()
         self._closed = False
@@ -1245,13 +1818,8 @@ class PersistentDockerScheduler(DockerScheduler):
         return self._store.path
 
     @property
-    def _docker_client(self) -> DockerClient:
-        if self._client is None:
-            try:
-                self._client = docker.from_env()
-            except DockerException as e:
-                raise _unavailable(e) from e
-        return self._client
+    def _session_labels(self) -> dict[str, str]:
+        return {LABEL_SESSION: self.session_name}
 
     # -- submit -----------------------------------------------------------
 
@@ -1264,27 +1832,21 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> _DryRun:
         _validate_app(app)
-        policy = cfg.get("image_pull") or "always"
-        if policy not in IMAGE_PULL_POLICIES:
-            raise ValueError(f"image_pull={policy!r} is not one of {', '.join(IMAGE_PULL_POLICIES)}")
+        _image_pull(cfg)
         options = _container_options(cfg)
         info = super()._submit_dryrun(app, cast(Any, cfg))
         job = info.request
-        for name in [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)]:
-            if not _CONTAINER_NAME.fullmatch(name):
-                raise ValueError(
-                    f"app name {app.name!r} gives the name {name!r}, which Docker refuses for a container: "
-                    "use letters, digits, '_', '.' and '-', starting with a letter or digit"
-                )
+        _check_container_names(app, [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)])
         for c in job.containers:
-            c.kwargs["labels"][LABEL_SESSION] = self.session_name  # type: ignore[index]
+            labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
+            labels.update(self._session_labels)
             c.kwargs.update(copy.deepcopy(options))
         return info
 
     def schedule(self, dryrun_info: _DryRun) -> str:
         """Records the app, then starts every replica's container.
 
-        The record is written first, in state SUBMITTED: when it cannot be
+        The record is written first, marked starting: when it cannot be
         written, nothing is created and the error names the state directory.
         When a container cannot start, the ones already started are removed,
         the app is recorded FAILED with the reason, and the error is raised.
@@ -1296,49 +1858,24 @@ class PersistentDockerScheduler(DockerScheduler):
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
-        record = _record_from_job(job, app)
-        record["remove_on_exit"] = bool(cfg.get("remove_on_exit", False))
-        record["state"] = _STARTING
-        with _reaching_docker():
-            client = self._docker_client
-            self._prepare_images({c.image for c in job.containers}, cfg.get("image_pull") or "always")
-            ensure_network(client)
-        with self._starting(job.app_id):
+        record = _record_from_job(job, app, remove_on_exit=bool(cfg.get("remove_on_exit", False)))
+        self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
+        try:
+            start_lock = self._logs.lock_start(job.app_id)
+        except OSError as e:
+            raise self._nothing_started(e, f"create {self._logs.app_dir(job.app_id)}") from e
+        with start_lock:
             try:
-                self._save(copy.deepcopy(record))  # the store shares what it holds: keep ours apart
+                self._save(record)
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self._log_dir(job.app_id))
+                self._logs.discard(job.app_id)
                 raise self._nothing_started(e, f"record app {job.app_id} in {self.state_dir}") from e
-            with _reaching_docker():
-                self._start_all(job, record)
-            with contextlib.suppress(OSError):  # without it, a vanished replica reads "never created"
-                os.close(
-                    os.open(
-                        os.path.join(self._log_dir(job.app_id), _STARTED), os.O_CREAT | os.O_WRONLY, 0o600
-                    )
-                )
+            failure = self._docker.start_all(job.containers)
+            if failure is not None:
+                self._record_start_failure(record, *failure)
+            self._logs.mark_started(job.app_id)
         self._scheduled.append(job.app_id)
         return job.app_id
-
-    @contextlib.contextmanager
-    def _starting(self, app_id: str) -> Iterator[None]:
-        """Holds the app's start lock: readers leave a record in state SUBMITTED alone while it is held.
-
-        The lock is a ``flock`` on the app's log directory, so it dies with the
-        process that holds it.
-        """
-        log_dir = self._log_dir(app_id)
-        try:
-            os.makedirs(log_dir, mode=0o700, exist_ok=True)
-            fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
-            raise self._nothing_started(e, f"create {log_dir}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _nothing_started(self, error: OSError, what: str) -> OSError:
         return type(error)(
@@ -1347,282 +1884,128 @@ class PersistentDockerScheduler(DockerScheduler):
             "make it writable, or pass another state_dir",
         )
 
-    def _start_in_progress(self, app_id: str) -> bool:
-        try:
-            fd = os.open(self._log_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-    def _start_all(self, job: DockerJob, record: AppRecord) -> None:
-        client = self._docker_client
-
-        def start(c: DockerContainer) -> None:
-            client.containers.create(c.image, c.command, **c.kwargs).start()
-
-        workers = max(1, min(_START_WORKERS, len(job.containers)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="docker-scheduler-start") as pool:
-            futures = [(c, pool.submit(start, c)) for c in job.containers]
-        failed = [(c, f.exception()) for c, f in futures if f.exception() is not None]
-        if not failed:
-            return
-        container, error = failed[0]
-        self._remove([str(c.kwargs["name"]) for c in job.containers])
-        if isinstance(error, requests.exceptions.ConnectionError):
-            raise error
+    def _record_start_failure(
+        self, record: AppRecord, container: DockerContainer, error: BaseException
+    ) -> None:
         labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
         reason = (
             f"could not start replica {labels[LABEL_REPLICA_ID]} of role {labels[LABEL_ROLE_NAME]!r} "
             f"from image {container.image!r}: {error}"
         )
-        record["state"], record["msg"] = AppState.FAILED.name, reason
-        for rep in record["replicas"]:
-            rep["lost"], rep["ended"], rep["error"] = (
-                True,
-                time.time(),
-                "was removed: the app could not start",
+        gone = {"vanished": "was removed: the app could not start", "ended": time.time(), "logs": "lost"}
+        ended = record.with_ends({rep.name: gone for rep in record.replicas})
+        failed = dataclasses.replace(ended, start_error=reason)
+        try:
+            self._save(failed)
+        except OSError as e:
+            log.warning(
+                "app %s: could not record that it could not start in %s (%s); the next describe or "
+                "list reconciles its record with its containers",
+                record.app_id,
+                self.state_dir,
+                e,
             )
-        self._save_or_warn(record, "it could not start")
         raise RuntimeError(
             f"{reason}. Removed the app's other containers; it is recorded as FAILED"
         ) from error
 
-    def _save_or_warn(self, record: AppRecord, what: str) -> None:
-        """Saves a record whose earlier version is written; if this fails, the next reader reconciles."""
-        try:
-            self._save(record)
-        except OSError as e:
-            log.warning(
-                "app %s: could not record that %s in %s (%s); the next describe or list reconciles "
-                "its record with its containers",
-                record["app_id"],
-                what,
-                self.state_dir,
-                e,
-            )
-
-    def _prepare_images(self, images: Iterable[str], policy: str) -> None:
-        for image in sorted(images):
-            if image.startswith("sha256:"):
-                continue
-            if policy == "always":
-                try:
-                    self._pull(image)
-                except DockerException as e:
-                    log.warning("failed to pull image %s, falling back to the local copy: %s", image, e)
-            elif not self._has_image(image):
-                if policy == "never":
-                    raise ValueError(
-                        f"image {image!r} is not on this Docker host and image_pull=never forbids "
-                        "pulling it: "
-                        f"run `docker pull {image}` first, or use image_pull=missing"
-                    )
-                try:
-                    self._pull(image)
-                except DockerException as e:
-                    raise RuntimeError(
-                        f"image {image!r} is not on this Docker host and pulling it failed: {e}"
-                    ) from e
-
-    def _has_image(self, image: str) -> bool:
-        try:
-            self._docker_client.api.inspect_image(image)
-        except NotFound:
-            return False
-        return True
-
-    def _pull(self, image: str) -> None:
-        """Pulls ``image``, logging progress at most every few seconds."""
-        log.info("pulling image %s", image)
-        progress = _PullProgress()
-        last = time.monotonic()
-        for event in self._docker_client.api.pull(image, stream=True, decode=True):
-            if "error" in event:
-                raise DockerException(event["error"])
-            progress.update(event)
-            if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
-                last = time.monotonic()
-                log.info("pulling %s: %s", image, progress)
-        log.info("pulled image %s", image)
-
-    # -- record -----------------------------------------------------------
-
     def _save(self, record: AppRecord) -> None:
         with self._store.update() as apps:
-            apps[record["app_id"]] = record
+            apps[record.app_id] = record
+
+    # -- reconcile with Docker --------------------------------------------
 
     def _rebuild_from_docker(self) -> dict[str, AppRecord]:
-        return _records_from_containers(self._containers(LABEL_SESSION, self.session_name))
+        return _records_from_containers(self._docker.containers(self._session_labels))
 
-    def _containers(self, label: str, value: str) -> builtins.list[dict[str, Any]]:
-        with _reaching_docker():
-            found: list[dict[str, Any]] = self._docker_client.api.containers(
-                all=True, filters={"label": f"{label}={value}"}
-            )
-        return found
+    def _unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
+        """A record for an app known only from its containers, and their listed states; or None."""
+        containers = self._docker.containers({LABEL_APP_ID: app_id})
+        record = _records_from_containers(containers).get(app_id)
+        if record is None:
+            return None
+        return record, {_container_name(c): _listed_state(c) for c in containers}
 
-    def _observe(
-        self, record: AppRecord, containers: builtins.list[dict[str, Any]] | None = None
+    def _adopted(self, app_id: str) -> AppRecord | None:
+        unrecorded = self._unrecorded(app_id)
+        return None if unrecorded is None else unrecorded[0]
+
+    def _reconciled(
+        self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
     ) -> tuple[AppRecord, dict[str, AppState]]:
-        """Looks at an unfinished app's containers with one Docker request.
+        """The record brought up to date with its containers (``listed``, or asked for here).
 
-        Replicas that ended get their exit code and logs harvested and recorded;
-        replicas whose container vanished are recorded lost; logs that could not
-        be recorded before are tried again. A record left in state SUBMITTED by
-        a process that died while starting it is reconciled with the containers
-        that exist. Returns the fresh record and the live states of the
-        replicas still going. Harvesting logs never raises.
+        Ended replicas get their exit code and logs harvested and recorded.
+        Returns the fresh record and the live states of the replicas still
+        going. Harvesting logs never raises.
         """
-        app_id = record["app_id"]
-        if containers is None:
-            containers = self._containers(LABEL_APP_ID, app_id)
-        by_name = {_container_name(c): c for c in containers}
-        live: dict[str, AppState] = {}
-        starting = record["state"] == _STARTING
-        if starting and self._start_in_progress(app_id):
-            for name, listed in by_name.items():
-                live[name] = _CONTAINER_STATES.get(listed["State"], AppState.UNKNOWN)
-            return record, live
-        ended: dict[str, ReplicaEnd] = {}
-        harvest: list[ReplicaRecord] = []
-        for rep in record["replicas"]:
-            c = by_name.get(rep["name"])
-            if _logs_pending(rep) and c is None:
-                ended[rep["name"]] = self._logs_lost(rep)
-            elif _logs_pending(rep):
-                harvest.append(rep)
-            elif _is_final(rep):
-                continue
-            elif c is None:
-                never = starting and not os.path.exists(os.path.join(self._log_dir(app_id), _STARTED))
-                why = "was never created: the process starting the app ended first" if never else ""
-                ended[rep["name"]] = {"lost": True, "ended": time.time(), "error": why}
-            elif c["State"] not in _ENDED:
-                live[rep["name"]] = _CONTAINER_STATES.get(c["State"], AppState.UNKNOWN)
-            else:
-                harvest.append(rep)
-        for rep, end in zip(harvest, self._harvest_all(app_id, harvest), strict=True):
+        app_id = record.app_id
+        if listed is None:
+            listed = self._docker.containers({LABEL_APP_ID: app_id})
+        starting = record.starting
+        plan = _plan(
+            record,
+            {_container_name(c): c for c in listed},
+            start_in_progress=starting and self._logs.start_in_progress(app_id),
+            started=starting and self._logs.started(app_id),
+            now=time.time(),
+        )
+        live, ends = dict(plan.live), dict(plan.ends)
+        reps = {rep.name: rep for rep in record.replicas}
+        for name in ends:
+            if reps[name].logs_pending:
+                log.warning("container %s was removed before its logs were recorded; they are lost", name)
+        names = [*plan.inspect, *plan.retry]
+        harvested = _fan_out(lambda name: self._harvest(app_id, reps[name], name in plan.retry), names)
+        for name, end in zip(names, harvested, strict=True):
             if end is None:  # restarted since it was listed
-                live[rep["name"]] = AppState.PENDING
+                live[name] = AppState.PENDING
             else:
-                ended[rep["name"]] = end
-        if ended or starting:
-            record = self._record_ends(record, ended)
+                ends[name] = end
+        if ends or plan.write:
+            record = self._record_ends(record, ends)
         return record, live
 
-    def _harvest_all(
-        self, app_id: str, reps: builtins.list[ReplicaRecord]
-    ) -> builtins.list[ReplicaEnd | None]:
-        """Harvests replicas that ended together side by side, as many at once as start does."""
+    def _harvest(self, app_id: str, rep: ReplicaRecord, logs_only: bool) -> _End | None:
+        """Reads an ended replica's exit code (unless ``logs_only``), then records its logs.
 
-        def one(rep: ReplicaRecord) -> ReplicaEnd | None:
-            return self._harvest_logs(app_id, rep) if _logs_pending(rep) else self._harvest(app_id, rep)
-
-        if len(reps) < 2:
-            return [one(rep) for rep in reps]
-        workers = min(_START_WORKERS, len(reps))
-        with ThreadPoolExecutor(workers, thread_name_prefix="docker-scheduler-harvest") as pool:
-            return builtins.list(pool.map(one, reps))
-
-    def _harvest(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd | None:
-        """Reads an ended replica's exit code, then streams its logs to files.
-
-        Returns None when the container turns out to be going again (restarted since it was listed).
+        Returns None when the container turns out to be going again.
         """
-        try:
-            inspected = self._docker_client.api.inspect_container(rep["name"])
-        except NotFound:
-            return {"lost": True, "ended": time.time()}
-        state = inspected["State"]
-        if state.get("Status") not in _ENDED or state.get("Running") or state.get("Restarting"):
-            return None
-        end: ReplicaEnd = {
-            "exit_code": int(state["ExitCode"]),
-            "restarts": int(inspected.get("RestartCount") or 0),
-            "error": " (out of memory)" if state.get("OOMKilled") else "",
-            "ended": _finished_at(state.get("FinishedAt")),
-        }
-        if state.get("Error"):
-            end["error"] += f" ({state['Error']})"
-        end.update(self._harvest_logs(app_id, rep))
-        return end
+        end: _End = {}
+        if not logs_only:
+            inspected = self._docker.inspect(rep.name)
+            if inspected is None:
+                return {"vanished": _VANISHED, "ended": time.time(), "logs": "lost"}
+            end = _exit_end(inspected) or {}
+            if not end:
+                return None
+        return {**end, **self._logs.harvest(self._docker, app_id, rep)}
 
-    def _harvest_logs(self, app_id: str, rep: ReplicaRecord) -> ReplicaEnd:
-        """Streams an ended replica's stdout and stderr to files; a failure is returned, not raised."""
-        api, log_dir = self._docker_client.api, self._log_dir(app_id)
-        dests = {_STDOUT: _log_file(log_dir, rep, "stdout"), _STDERR: _log_file(log_dir, rep, "stderr")}
-        try:
-            os.makedirs(log_dir, mode=0o700, exist_ok=True)
-            streams = ("stdout", "stderr")
-            with contextlib.closing(
-                _log_response(api, rep["name"], streams, timestamps=True, follow=False)
-            ) as r:
-                _harvest_frames(_frames(r.iter_content(_READ_SIZE)), dests)
-        except NotFound:
-            return self._logs_lost(rep)
-        except (DockerException, OSError, requests.exceptions.RequestException) as e:
-            reason, fix = _harvest_failure(e, log_dir)
-            self._warn_once(
-                rep["name"],
-                reason,
-                "could not record the logs of container %s (%s): its exit code is recorded and the "
-                "container is kept until they are; %s. The next describe, list, log_iter or close "
-                "tries again",
-                rep["name"],
-                reason,
-                fix,
-            )
-            return {"logs": False, "log_error": reason}
-        return {"logs": True, "log_error": ""}
+    def _record_ends(self, seen: AppRecord, ends: Mapping[str, _End]) -> AppRecord:
+        """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may.
 
-    def _logs_lost(self, rep: ReplicaRecord) -> ReplicaEnd:
-        log.warning("container %s was removed before its logs were recorded; they are lost", rep["name"])
-        return {"logs": False, "log_error": ""}
-
-    def _warn_once(self, subject: str, cause: str, message: str, *args: Any) -> None:
-        if (subject, cause) not in self._warned:
-            self._warned.add((subject, cause))
-            log.warning(message, *args)
-
-    def _log_dir(self, app_id: str) -> str:
-        if not _CONTAINER_NAME.fullmatch(app_id):  # it names a directory: no separators, no '..'
-            raise ValueError(f"app id {app_id!r} cannot name a log directory")
-        return os.path.join(self.state_dir, f"{self.session_name}.logs", app_id)
-
-    def _record_ends(self, seen: AppRecord, ended: dict[str, ReplicaEnd]) -> AppRecord:
-        """Records what was learnt of ended replicas; when that write fails, answers from it unrecorded."""
-        app_id = seen["app_id"]
+        When the write fails, answers from what was learnt, unrecorded, and removes nothing.
+        """
+        app_id = seen.app_id
         try:
             with self._store.update() as apps:
-                if app_id not in apps:  # deleted meanwhile
-                    return _with_ends(seen, ended)
-                record = _with_ends(apps[app_id], ended)
+                current = apps.get(app_id)
+                if current is None:  # deleted meanwhile
+                    return seen.with_ends(ends)
+                record = current.with_ends(ends)
                 apps[app_id] = record
         except OSError as e:
-            self._warn_once(
-                app_id,
-                str(e),
+            _warn_once(
+                self._warned,
+                (app_id, str(e)),
                 "could not record the end of app %s in %s (%s); its state comes from Docker until it can",
                 app_id,
                 self.state_dir,
                 e,
             )
-            record = _with_ends(seen, ended)
-        if record["remove_on_exit"]:
-            self._remove([r["name"] for r in record["replicas"] if r["name"] in ended and r["logs"]])
+            return seen.with_ends(ends)
+        self._docker.remove(_removable(record, ends))
         return record
-
-    def _remove(self, names: builtins.list[str]) -> None:
-        api = self._docker_client.api
-        for name in names:
-            with contextlib.suppress(NotFound):
-                api.remove_container(name, force=True)
 
     # -- query ------------------------------------------------------------
 
@@ -1631,19 +2014,16 @@ class PersistentDockerScheduler(DockerScheduler):
 
         Returns ``None`` when neither the session file nor Docker knows the app.
         """
-        record = self._store.apps().get(app_id)
+        record = self._store.get(app_id)
         if record is None:
-            containers = self._containers(LABEL_APP_ID, app_id)
-            if not containers:
-                return None
-            record = _records_from_containers(containers)[app_id]
-            return _describe_record(record, {_container_name(c): _listed_state(c) for c in containers})
+            unrecorded = self._unrecorded(app_id)
+            return None if unrecorded is None else _describe_record(*unrecorded)
         live: dict[str, AppState] = {}
-        if not _settled(record):
-            record, live = self._observe(record)
-        elif _asks_docker(record):
+        if not record.settled:
+            record, live = self._reconciled(record)
+        elif record.asks_docker:
             with contextlib.suppress(DockerUnavailableError):  # only its logs are missing: retry later
-                record, live = self._observe(record)
+                record, live = self._reconciled(record)
         return _describe_record(record, live)
 
     def describe_native(self, app_id: str) -> AppDryRunInfo[DockerJob] | None:
@@ -1656,7 +2036,7 @@ class PersistentDockerScheduler(DockerScheduler):
         they are removed and in any process. Returns ``None`` for an app id the
         session file does not hold.
         """
-        record = self._store.apps().get(app_id)
+        record = self._store.get(app_id)
         if record is None:
             return None
         return AppDryRunInfo(_job_from_record(record), repr)
@@ -1665,29 +2045,37 @@ class PersistentDockerScheduler(DockerScheduler):
         """This session's apps with their states, oldest first.
 
         Containers labelled with this session that the session file lacks are
-        listed too; other sessions' apps are not. ``cfg`` is accepted as torchx
-        main passes it, and not needed.
+        listed too; other sessions' apps are not. Apps that can no longer
+        change are answered from the session file without decoding their
+        records. ``cfg`` is accepted as torchx main passes it, and not needed.
         """
-        apps = self._store.apps()
         try:
-            containers: list[dict[str, Any]] | None = self._containers(LABEL_SESSION, self.session_name)
+            containers: list[dict[str, Any]] | None = self._docker.containers(self._session_labels)
         except DockerUnavailableError as e:
             log.warning("listing from the session file only: %s", e)
             containers = None
-        by_app: dict[str, list[dict[str, Any]]] = {}
-        for c in containers or []:
-            by_app.setdefault(c["Labels"][LABEL_APP_ID], []).append(c)
+        by_app = _by_app(containers or [])
         found = []
-        for app_id, record in sorted(apps.items(), key=lambda item: item[1].get("created", 0)):
-            live: dict[str, AppState] = {}
-            if containers is not None and _asks_docker(record):
-                record, live = self._observe(record, by_app.get(app_id, []))
+        for app_id, final in self._store.summaries():
+            if final is None:
+                final = self._current_state(app_id, by_app.get(app_id, []), containers is not None)
+            if final is not None:
+                found.append(ListAppResponse(app_id=app_id, state=AppState[final]))
+        recorded = set(self._store.ids())
+        unrecorded = [c for app_id, group in by_app.items() if app_id not in recorded for c in group]
+        for app_id, record in _records_from_containers(unrecorded).items():
+            live = {_container_name(c): _listed_state(c) for c in by_app[app_id]}
             found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
-        for app_id, group in by_app.items():
-            if app_id not in apps:
-                states = [_listed_state(c) for c in group]
-                found.append(ListAppResponse(app_id=app_id, state=_app_state(None, states)))
         return found
+
+    def _current_state(self, app_id: str, listed: Sequence[Mapping[str, Any]], ask: bool) -> str | None:
+        record = self._store.record(app_id)
+        if record is None:
+            return None
+        live: dict[str, AppState] = {}
+        if ask and record.asks_docker:
+            record, live = self._reconciled(record, listed)
+        return _record_state(record, live).name
 
     def log_iter(
         self,
@@ -1715,73 +2103,72 @@ class PersistentDockerScheduler(DockerScheduler):
         wanted = [
             s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
         ]
-        if _logs_pending(rep):  # recording them failed before: try again first
+        if rep.logs_pending:  # recording them failed before: try again first
             with contextlib.suppress(DockerUnavailableError):
                 rep = self._refreshed(app_id, rep)
-        lines: Iterator[bytes] | None = None
-        if not rep["logs"]:
-            try:
-                lines = self._live_lines(rep["name"], wanted, since, until, should_tail)
-            except NotFound:  # the container went away: maybe another process harvested it first
-                rep = self._refreshed(app_id, rep)
-            except docker.errors.APIError as e:  # e.g. a logging driver Docker cannot read back
-                log.warning("Docker cannot serve the logs of %s: %s", rep["name"], e.explanation or e)
-                lines = iter(())
-        if lines is None and rep["logs"]:
-            log_dir = self._log_dir(app_id)
-            lines = _harvested_lines([_log_file(log_dir, rep, s) for s in wanted], since, until)
-        if lines is None:
-            log.warning(
-                "the logs of %s are lost: its container was removed before they were read", rep["name"]
-            )
-            lines = iter(())
+        lines = self._lines(app_id, rep, wanted, since, until, should_tail)
         text = (line.decode("utf-8", "replace") for line in lines)
         return filter_regex(regex, text) if regex else text
 
+    def _lines(
+        self,
+        app_id: str,
+        rep: ReplicaRecord,
+        wanted: Sequence[str],
+        since: datetime | None,
+        until: datetime | None,
+        follow: bool,
+    ) -> Iterator[bytes]:
+        """Live from Docker unless the logs are recorded; from the log directory once they are."""
+        if rep.logs != "recorded":
+            try:
+                with _reaching_docker():
+                    response = self._docker.logs(
+                        rep.name,
+                        wanted,
+                        timestamps=False,
+                        follow=follow,
+                        since=_epoch(since),
+                        until=_epoch(until),
+                    )
+                return _whole_lines(payload for _, payload in _frames(response.iter_content(_READ_SIZE)))
+            except NotFound:  # the container went away: maybe another process harvested it first
+                rep = self._refreshed(app_id, rep)
+            except docker.errors.APIError as e:  # e.g. a logging driver Docker cannot read back
+                log.warning("Docker cannot serve the logs of %s: %s", rep.name, e.explanation or e)
+                return iter(())
+        if rep.logs == "recorded":
+            return self._logs.lines(app_id, rep, wanted, since, until)
+        log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
+        return iter(())
+
     def _find_replica(self, app_id: str, role_name: str, k: int) -> ReplicaRecord:
-        record = self._store.apps().get(app_id) or self._records_for(app_id)
+        record = self._store.get(app_id)
         if record is None:
-            raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
-        roles = {r["name"]: r["num_replicas"] for r in record["roles"]}
+            unrecorded = self._unrecorded(app_id)
+            if unrecorded is None:
+                raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
+            record = unrecorded[0]
+        roles = {r.name: r.num_replicas for r in record.roles}
         if role_name not in roles:
             raise ValueError(f"app {app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
-        for rep in record["replicas"]:
-            if rep["role"] == role_name and rep["id"] == k:
+        for rep in record.replicas:
+            if rep.role == role_name and rep.id == k:
                 return rep
         raise ValueError(
             f"role {role_name!r} of app {app_id!r} has no replica {k}; "
             f"valid replica indices are 0 to {roles[role_name] - 1}"
         )
 
-    def _live_lines(
-        self,
-        name: str,
-        wanted: builtins.list[str],
-        since: datetime | None,
-        until: datetime | None,
-        follow: bool,
-    ) -> Iterator[bytes]:
-        with _reaching_docker():
-            response = _log_response(
-                self._docker_client.api,
-                name,
-                wanted,
-                timestamps=False,
-                follow=follow,
-                since=_epoch(since),
-                until=_epoch(until),
-            )
-        return _whole_lines(payload for _, payload in _frames(response.iter_content(_READ_SIZE)))
-
     def _refreshed(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
         """``rep`` as recorded after looking at the app's containers again."""
-        record = self._store.apps().get(app_id)
+        record = self._store.get(app_id)
         if record is None:
             return rep
-        record, _ = self._observe(record)
-        return next(r for r in record["replicas"] if r["name"] == rep["name"])
+        record, _ = self._reconciled(record)
+        return next(r for r in record.replicas if r.name == rep.name)
 
-    # -- cancel, delete and close -----------------------------------------
+    # -- cancel, delete, prune and close ------------------------------------
 
     def cancel(self, app_id: str) -> None:
         """Stops ``app_id``'s containers; from then on every process sees CANCELLED.
@@ -1796,22 +2183,21 @@ class PersistentDockerScheduler(DockerScheduler):
         self._cancel_existing(app_id)
 
     def _cancel_existing(self, app_id: str) -> None:
-        recorded = self._store.apps().get(app_id)
-        if recorded is not None and _settled(recorded):
+        recorded = self._store.get(app_id)
+        if recorded is not None and recorded.settled:
             log.info("cancel: app %s already ended; nothing to do", app_id)
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = apps.get(app_id) or self._records_for(app_id)
+            record = apps.get(app_id) or self._adopted(app_id)
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return
-            if record["state"] is None and not any(_failed(r) for r in record["replicas"]):
-                record = copy.deepcopy(record)  # an app that already failed stays FAILED
-                record["state"] = AppState.CANCELLED.name
-                apps[app_id] = record
-        self._stop([r["name"] for r in record["replicas"] if not _is_final(r)])
-        self._observe(record)
+            if not record.start_error and not any(r.failed for r in record.replicas):
+                record = dataclasses.replace(record, cancelled=True)  # one that already failed stays FAILED
+            apps[app_id] = record
+        self._docker.stop([r.name for r in record.replicas if not r.final])
+        self._reconciled(record)
 
     def delete(self, app_id: str) -> None:
         """Forgets ``app_id``: stops what still runs, then removes its containers,
@@ -1822,21 +2208,19 @@ class PersistentDockerScheduler(DockerScheduler):
         untouched. An unknown app id is logged at debug level and ignored.
         (``torchx delete`` calls this on torchx main.)
         """
-        recorded = self._store.apps().get(app_id)
-        containers = self._containers(LABEL_APP_ID, app_id)
+        recorded = self._store.get(app_id)
+        containers = self._docker.containers({LABEL_APP_ID: app_id})
         if recorded is None and not containers:
             log.debug(
                 "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
             )
             return
-        self._stop(
+        self._docker.stop(
             [_container_name(c) for c in containers if c["State"] not in _ENDED | {"created", "configured"}]
         )
-        with _reaching_docker():
-            self._remove([_container_name(c) for c in containers])
+        self._docker.remove([_container_name(c) for c in containers])
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
-        if _CONTAINER_NAME.fullmatch(app_id):
-            shutil.rmtree(self._log_dir(app_id), ignore_errors=True)
+        self._logs.remove(app_id)
         with self._store.update() as apps:
             apps.pop(app_id, None)
         log.info("deleted app %s from session %s", app_id, self.session_name)
@@ -1852,27 +2236,14 @@ class PersistentDockerScheduler(DockerScheduler):
         """
         cutoff = time.time() - older_than.total_seconds()
         pruned = []
-        for app_id, record in sorted(self._store.apps().items(), key=lambda item: item[1]["created"]):
-            if not _settled(record):
-                record, _ = self._observe(record)
-            if _settled(record) and _ended_at(record) < cutoff:
+        for app_id, _ in self._store.summaries():
+            record = self._store.record(app_id)
+            if record is not None and not record.settled:
+                record, _ = self._reconciled(record)
+            if record is not None and record.settled and record.ended_at < cutoff:
                 self.delete(app_id)
                 pruned.append(app_id)
         return pruned
-
-    def _records_for(self, app_id: str) -> AppRecord | None:
-        """A record for ``app_id`` built from its containers, or None when Docker has none."""
-        return _records_from_containers(self._containers(LABEL_APP_ID, app_id)).get(app_id)
-
-    def _stop(self, names: builtins.list[str]) -> None:
-        api = self._docker_client.api
-
-        def stop(name: str) -> None:
-            with contextlib.suppress(NotFound):
-                api.stop(name, timeout=STOP_TIMEOUT)
-
-        with _reaching_docker(), ThreadPoolExecutor(max(1, min(_START_WORKERS, len(names)))) as pool:
-            list(pool.map(stop, names))
 
     def close(self) -> None:
         """Ends this instance; idempotent, never raises.
@@ -1891,26 +2262,24 @@ class PersistentDockerScheduler(DockerScheduler):
                     self._shut_down(app_id)
                 except Exception as e:
                     log.warning("close: could not shut down app %s: %s", app_id, e)
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
+        self._docker.close()
 
     def _shut_down(self, app_id: str) -> None:
-        record = self._store.apps().get(app_id)
+        record = self._store.get(app_id)
         if record is None:
             return
-        if _asks_docker(record):
-            record, _ = self._observe(record)
-        if not _settled(record):
+        if record.asks_docker:
+            record, _ = self._reconciled(record)
+        if not record.settled:
             self._cancel_existing(app_id)
-            record = self._store.apps()[app_id]
+            record = self._store.get(app_id) or record
         done = [
-            r["name"] for r in record["replicas"] if r["lost"] or (r["exit_code"] is not None and r["logs"])
+            r.name for r in record.replicas if r.vanished or (r.exit_code is not None and r.logs != "retry")
         ]
-        kept = [r["name"] for r in record["replicas"] if r["name"] not in done]
+        kept = [r.name for r in record.replicas if r.name not in done]
         if kept:
             log.warning("close: keeping containers %s: their logs could not be recorded", kept)
-        self._remove(done)
+        self._docker.remove(done)
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import io
 import json
@@ -251,9 +252,9 @@ def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch:
 def _builtin_only(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_builtin_only(k) and _builtin_only(v) for k, v in value.items())
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return all(_builtin_only(v) for v in value)
-    return value is None or type(value) in (str, int, float, bool, bytes, datetime)
+    return value is None or type(value) in (str, int, float, bool, bytes)
 
 
 def test_session_file_holds_builtins_with_private_modes(
@@ -381,8 +382,8 @@ def test_running_app_reads_running_until_every_replica_ends(
     ],
 )
 def test_app_state_rules(states: list[AppState], expected: AppState) -> None:
-    assert docker_scheduler._app_state(None, states) == expected
-    assert docker_scheduler._app_state("CANCELLED", states) == AppState.CANCELLED
+    assert docker_scheduler._app_state(states) == expected
+    assert docker_scheduler._app_state(states, cancelled=True) == AppState.CANCELLED
 
 
 def test_exit_code_and_logs_survive_container_removal(
@@ -835,7 +836,7 @@ def test_a_format_1_session_file_stays_readable_and_is_upgraded(
     wait_for(scheduler, new)
     with path.open("rb") as f:
         data = docker_scheduler._RestrictedUnpickler(f).load()
-    assert data["format"] == docker_scheduler.FORMAT_VERSION == 2
+    assert data["format"] == docker_scheduler.FORMAT_VERSION == 3
     assert {a.app_id for a in make(session="v1").list()} == {old, new}
 
 
@@ -1032,7 +1033,7 @@ def test_garbage_collection_and_interpreter_exit_never_stop_apps(
 def test_close_never_raises_when_docker_went_away(make: Callable[..., PersistentDockerScheduler]) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", LONG))
-    scheduler._client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+    scheduler._docker._client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
     scheduler.close()
     assert make(session=scheduler.session_name).describe(app_id).state == AppState.RUNNING
 
@@ -1572,11 +1573,9 @@ def test_a_thousand_apps_load_describe_and_list(make: Callable[..., PersistentDo
     with scheduler._store.update() as apps:
         template = apps[real]
         for i in range(999):
-            record = copy.deepcopy(template)
-            record["app_id"] = f"synthetic-{i:04d}"
-            for rep in record["replicas"]:
-                rep["exit_code"] = i % 3
-            apps[record["app_id"]] = record
+            replicas = tuple(dataclasses.replace(rep, exit_code=i % 3) for rep in template.replicas)
+            record = dataclasses.replace(template, app_id=f"synthetic-{i:04d}", replicas=replicas)
+            apps[record.app_id] = record
     assert os.path.getsize(scheduler.session_file) < 1000 * 1024  # well under 1 KiB an app
     fresh = make(session=scheduler.session_name)
     assert len(fresh._store.apps()) == 1000
@@ -1750,7 +1749,7 @@ def test_an_unwritable_state_dir_still_reports_the_exit_code_from_docker(
     remount(disk, "rw")
     assert scheduler.describe(app_id).state == AppState.FAILED
     fresh = make(session=scheduler.session_name, state_dir=disk)
-    assert fresh._store.apps()[app_id]["replicas"][0]["exit_code"] == 143
+    assert fresh._store.apps()[app_id].replicas[0].exit_code == 143
 
 
 CRASHER = """
@@ -1758,14 +1757,15 @@ import os, signal, sys, time
 from torchx import specs
 from docker_scheduler import PersistentDockerScheduler
 session, when = sys.argv[1], sys.argv[2]
-start_all = PersistentDockerScheduler._start_all
-def crash(self, job, record):
+import docker_scheduler
+start_all = docker_scheduler._Docker.start_all
+def crash(self, containers):
     if when == "slow":
         time.sleep(3)
     if when in ("after", "slow"):
-        start_all(self, job, record)
+        start_all(self, containers)
     os.kill(os.getpid(), signal.SIGKILL)  # between the record and its update
-PersistentDockerScheduler._start_all = crash
+docker_scheduler._Docker.start_all = crash
 app = specs.AppDef("crash", roles=[specs.Role("r", image="busybox:latest", entrypoint="sleep", args=["300"])])
 PersistentDockerScheduler(session, detach=True).submit(app, {"image_pull": "missing"})
 """
@@ -1797,7 +1797,7 @@ def test_a_crash_between_record_and_start_is_reconciled(
     proc = _crash_while_scheduling(never, "before")
     assert proc.wait(timeout=60) == -signal.SIGKILL
     app_id = _only_app(never)
-    assert never._store.apps()[app_id]["state"] == "SUBMITTED"
+    assert never._store.apps()[app_id].starting
     desc = make(session=never.session_name).describe(app_id)
     assert desc.state == AppState.FAILED and "was never created" in desc.msg
     assert container_names(client, app_id) == []
@@ -1810,7 +1810,7 @@ def test_a_crash_between_record_and_start_is_reconciled(
     assert proc.wait(timeout=60) == -signal.SIGKILL
     desc = reader.describe(app_id)
     assert desc.state == AppState.RUNNING, desc.msg
-    assert reader._store.apps()[app_id]["state"] is None
+    assert not reader._store.apps()[app_id].starting
     reader.cancel(app_id)
     assert reader.describe(app_id).state == AppState.CANCELLED
 
@@ -1826,7 +1826,7 @@ def test_prune_deletes_old_ended_apps_of_this_session_only(
         wait_for(s, app_id)
     running = start_long(scheduler)
     finished = client.api.inspect_container(f"{ended}-r-0")["State"]["FinishedAt"]
-    recorded = scheduler._store.apps()[ended]["replicas"][0]["ended"]
+    recorded = scheduler._store.apps()[ended].replicas[0].ended
     assert abs(recorded - datetime.fromisoformat(finished[:19]).replace(tzinfo=timezone.utc).timestamp()) < 2
 
     assert scheduler.prune(timedelta(hours=1)) == []
