@@ -59,6 +59,7 @@ import struct
 import tempfile
 import threading
 import time
+import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -405,30 +406,31 @@ def _from_plain(cls: type[_Record], data: Any) -> _Record:
     """A record of ``cls`` from its plain dict, each field checked against its annotation."""
     if not isinstance(data, dict):
         raise _CorruptSession(f"{cls.__name__} is {type(data).__name__}, not a dict")
-    values = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
-            raise _CorruptSession(f"{cls.__name__} has no field {f.name!r}")
-        try:
-            values[f.name] = _READERS[str(f.type)](data[f.name])
-        except _CorruptSession as e:
-            raise _CorruptSession(f"{cls.__name__}.{f.name}: {e}") from e
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{f.name: _checked(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    except KeyError as e:
+        raise _CorruptSession(f"{cls.__name__} has no field {e}") from e
 
 
-def _kind(*kinds: type) -> Callable[[Any], Any]:
-    """A reader that takes a value of one of ``kinds`` as it is, and refuses anything else."""
-
-    def read(value: Any) -> Any:
-        if not isinstance(value, kinds):
-            raise _CorruptSession(f"{type(value).__name__} {value!r:.60}, expected {kinds}")
+def _checked(hint: Any, value: Any) -> Any:
+    """``value`` if it is of type ``hint`` (lists become tuples, dicts nested records); else raises."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value)  # type: ignore[arg-type]
+    if origin is typing.Union or origin is types.UnionType:
+        return _checked(args[0], value) if value is not None else _checked(args[1], value)
+    if origin is Literal and value in args:
         return value
-
-    return read
-
-
-def _tuple_of(read: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
-    return lambda value: tuple(read(v) for v in _kind(list, tuple)(value))
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_checked(args[0], v) for v in value)
+    if origin is Mapping and isinstance(value, dict):
+        return {_checked(args[0], k): _checked(args[1], v) for k, v in value.items()}
+    if hint is Any or (origin is None and isinstance(value, hint) and not (hint is int and value is True)):
+        return float(value) if hint is float else value
+    if hint is float and isinstance(value, int):
+        return float(value)
+    raise _CorruptSession(f"{type(value).__name__} {value!r:.60} is not {hint}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,47 +555,20 @@ class AppRecord:
         return dataclasses.asdict(self)
 
 
-_NONE = type(None)
-
-
-def _log_status(value: Any) -> LogStatus:
-    if value not in _LOG_STATUSES:
-        raise _CorruptSession(f"log status {value!r} is not one of {_LOG_STATUSES}")
-    return cast(LogStatus, value)
-
-
-# How each annotation of a record's fields is read back.
-_READERS: dict[str, Callable[[Any], Any]] = {
-    "str": _kind(str),
-    "int": _kind(int),
-    "bool": _kind(bool),
-    "float": lambda value: float(_kind(float, int)(value)),
-    "int | None": _kind(int, _NONE),
-    "float | None": _kind(float, int, _NONE),
-    "tuple[str, ...]": _tuple_of(_kind(str)),
-    "Mapping[str, str]": lambda value: {_kind(str)(k): _kind(str)(v) for k, v in _kind(dict)(value).items()},
-    "Mapping[str, Any]": _kind(dict),
-    "LogStatus": _log_status,
-    "ContainerRequest | None": lambda value: None if value is None else _from_plain(ContainerRequest, value),
-    "tuple[RoleRecord, ...]": _tuple_of(lambda value: _from_plain(RoleRecord, value)),
-    "tuple[ReplicaRecord, ...]": _tuple_of(lambda value: _from_plain(ReplicaRecord, value)),
-}
-
-
 def _upgraded(plain: Any) -> dict[str, Any]:
     """A record of format 1 or 2 (one ``state`` and overloaded replica fields) in format 3's shape."""
-    data: dict[str, Any] = dict(_kind(dict)(plain))
+    data: dict[str, Any] = dict(_checked(Mapping[str, Any], plain))
     state, msg = data.pop("state", None), data.pop("msg", "")
     if state not in (None, "SUBMITTED", "CANCELLED", "FAILED"):
         raise _CorruptSession(f"state {state!r} is not one a record of format 1 or 2 holds")
     data["starting"], data["cancelled"] = state == "SUBMITTED", state == "CANCELLED"
     data["start_error"] = str(msg) if state == "FAILED" else ""
-    data["replicas"] = [_upgraded_replica(rep) for rep in _kind(list)(data.get("replicas"))]
+    data["replicas"] = [_upgraded_replica(rep) for rep in _checked(tuple[Any, ...], data.get("replicas"))]
     return data
 
 
 def _upgraded_replica(data: Any) -> dict[str, Any]:
-    rep: dict[str, Any] = dict(_kind(dict)(data))
+    rep: dict[str, Any] = dict(_checked(Mapping[str, Any], data))
     lost, logs, error = rep.pop("lost", False), rep.pop("logs", False), str(rep.pop("error", ""))
     log_error = rep.get("log_error") or ""
     final = lost or rep.get("exit_code") is not None
@@ -771,6 +746,19 @@ def _record_state(record: AppRecord, live: Mapping[str, AppState]) -> AppState:
     return _app_state(states, cancelled=record.cancelled)
 
 
+def _start_failure(container: DockerContainer, error: BaseException) -> str:
+    labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
+    replica, role = labels[LABEL_REPLICA_ID], labels[LABEL_ROLE_NAME]
+    return f"could not start replica {replica} of role {role!r} from image {container.image!r}: {error}"
+
+
+def _start_failed(record: AppRecord, reason: str) -> AppRecord:
+    """The record of an app whose containers could not all start, and were removed."""
+    gone = {"vanished": "was removed: the app could not start", "ended": time.time(), "logs": "lost"}
+    ended = record.with_ends({rep.name: gone for rep in record.replicas})
+    return dataclasses.replace(ended, start_error=reason)
+
+
 def _final_state(record: AppRecord) -> str | None:
     """The state's name once nothing about the app can change any more, else None."""
     return None if record.asks_docker else _record_state(record, {}).name
@@ -889,16 +877,19 @@ def _decode(app_id: str, blob: bytes, upgrade: bool = False) -> AppRecord:
 
 
 def _checked_entry(app_id: Any, entry: Any) -> _Entry:
-    if not (isinstance(app_id, str) and type(entry) is tuple and len(entry) == 3):
+    """``entry`` if it has an entry's shape. Checked when used, so that a read decodes what it asks."""
+    try:
+        created, state, blob = entry
+    except (TypeError, ValueError):
+        created = None
+    if type(app_id) is not str or type(created) is not float or type(blob) is not bytes:
         raise _CorruptSession(f"malformed entry for {app_id!r}")
-    created, state, blob = entry
-    if not (
-        isinstance(created, float)
-        and isinstance(blob, bytes)
-        and (state is None or state in AppState.__members__)
-    ):
+    if state not in _STATE_NAMES:
         raise _CorruptSession(f"malformed entry for {app_id!r}")
-    return entry
+    return cast(_Entry, entry)
+
+
+_STATE_NAMES = frozenset([None, *AppState.__members__])
 
 
 def _read_entries(data: Any, session_name: str) -> tuple[dict[str, _Entry], dict[str, AppRecord]]:
@@ -910,7 +901,7 @@ def _read_entries(data: Any, session_name: str) -> tuple[dict[str, _Entry], dict
     if data.get("session") != session_name or not isinstance(apps, dict):
         raise _CorruptSession("not a session file of this session")
     if version == FORMAT_VERSION:
-        return {app_id: _checked_entry(app_id, entry) for app_id, entry in apps.items()}, {}
+        return apps, {}
     records = {}
     for app_id, blob in apps.items():
         if not isinstance(blob, bytes):
@@ -946,7 +937,8 @@ class _Apps(MutableMapping[str, AppRecord]):
         self.changes[app_id] = record
 
     def __delitem__(self, app_id: str) -> None:
-        self[app_id]
+        if app_id not in self:
+            raise KeyError(app_id)
         self.changes[app_id] = None
 
     def __iter__(self) -> Iterator[str]:
@@ -992,8 +984,15 @@ class _SessionStore:
     def summaries(self) -> builtins.list[tuple[str, str | None]]:
         """Each app's id and its final state's name (None while it can change), oldest first."""
         self._refresh()
-        ordered = sorted(self._entries.items(), key=lambda item: item[1][0])
-        return [(app_id, entry[1]) for app_id, entry in ordered]
+        try:
+            return self._summaries()
+        except _CorruptSession as e:
+            self._recover(e, self._summaries)
+            return self._summaries()
+
+    def _summaries(self) -> builtins.list[tuple[str, str | None]]:
+        entries = [(app_id, _checked_entry(app_id, entry)) for app_id, entry in self._entries.items()]
+        return [(app_id, entry[1]) for app_id, entry in sorted(entries, key=lambda item: item[1][0])]
 
     @contextlib.contextmanager
     def update(self) -> Iterator[_Apps]:
@@ -1011,13 +1010,16 @@ class _SessionStore:
         """The record as last read, decoded on first use."""
         if app_id not in self._entries:
             return None
+        try:
+            return self._decoded(app_id)
+        except _CorruptSession as e:
+            self._recover(e, lambda: app_id in self._entries and self._decoded(app_id))
+            return self._records.get(app_id)
+
+    def _decoded(self, app_id: str) -> AppRecord:
         record = self._records.get(app_id)
         if record is None:
-            try:
-                record = _decode(app_id, self._entries[app_id][2])
-            except _CorruptSession as e:
-                self._recover(e, app_id)
-                return self._records.get(app_id) if app_id in self._entries else None
+            record = _decode(app_id, _checked_entry(app_id, self._entries[app_id])[2])
             self._records[app_id] = record
         return record
 
@@ -1032,12 +1034,13 @@ class _SessionStore:
             except _CorruptSession as e:
                 self._recover(e)
 
-    def _recover(self, error: _CorruptSession, app_id: str | None = None) -> None:
+    def _recover(self, error: _CorruptSession, check: Callable[[], object] = lambda: None) -> None:
+        """Reads the file again under the lock, in case another process replaced it meanwhile;
+        if what failed (``check``) still fails, moves the file aside and rebuilds the session."""
         with self._locked():
-            try:  # another process may have replaced the file meanwhile
+            try:
                 self._load()
-                if app_id is not None and app_id in self._entries:
-                    self._records[app_id] = _decode(app_id, self._entries[app_id][2])
+                check()
             except _CorruptSession as again:
                 self._quarantine(again)
 
@@ -1152,18 +1155,9 @@ def _attempt(fn: Callable[[_T], object], item: _T) -> BaseException | None:
 class _PullProgress:
     """Layers done and bytes downloaded, from the events of ``docker pull``."""
 
-    _LAYER_STATUSES = frozenset(
-        {
-            "Pulling fs layer",
-            "Waiting",
-            "Downloading",
-            "Verifying Checksum",
-            "Download complete",
-            "Extracting",
-            "Pull complete",
-            "Already exists",
-        }
-    )
+    _DONE = frozenset({"Pull complete", "Already exists"})
+    _LAYER_STATUSES = _DONE | {"Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum"}
+    _LAYER_STATUSES |= {"Download complete", "Extracting"}
 
     def __init__(self) -> None:
         self.layers: dict[str, tuple[int, int]] = {}
@@ -1177,10 +1171,10 @@ class _PullProgress:
         detail = event.get("progressDetail") or {}
         if status == "Downloading":
             current, total = int(detail.get("current", current)), int(detail.get("total") or total)
-        elif status in ("Download complete", "Pull complete", "Already exists"):
+        elif status == "Download complete" or status in self._DONE:
             current = total
         self.layers[layer] = (current, total)
-        if status in ("Pull complete", "Already exists"):
+        if status in self._DONE:
             self.done.add(layer)
 
     def __str__(self) -> str:
@@ -1335,17 +1329,9 @@ class _Docker:
         docker-py reads such a body a frame at a time; reading it in large blocks
         (see :py:func:`_frames`) is what makes a harvest as fast as ``docker logs``.
         """
-        params: dict[str, Any] = {
-            "stdout": int("stdout" in streams),
-            "stderr": int("stderr" in streams),
-            "timestamps": int(timestamps),
-            "follow": int(follow),
-            "tail": "all",
-        }
-        if since is not None:
-            params["since"] = since
-        if until is not None:
-            params["until"] = until
+        params = {"stdout": int("stdout" in streams), "stderr": int("stderr" in streams), "tail": "all"}
+        params.update(timestamps=int(timestamps), follow=int(follow))
+        params.update({key: t for key, t in (("since", since), ("until", until)) if t is not None})
         api = self.client.api
         # No read timeout: a followed log may stay quiet for as long as its replica runs.
         response: requests.Response = api._get(
@@ -1818,6 +1804,11 @@ class PersistentDockerScheduler(DockerScheduler):
         return self._store.path
 
     @property
+    def _docker_client(self) -> DockerClient:
+        # torchx's workspace builds and ours share one client.
+        return self._docker.client
+
+    @property
     def _session_labels(self) -> dict[str, str]:
         return {LABEL_SESSION: self.session_name}
 
@@ -1872,7 +1863,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 raise self._nothing_started(e, f"record app {job.app_id} in {self.state_dir}") from e
             failure = self._docker.start_all(job.containers)
             if failure is not None:
-                self._record_start_failure(record, *failure)
+                self._record_start_failure(record, _start_failure(*failure), failure[1])
             self._logs.mark_started(job.app_id)
         self._scheduled.append(job.app_id)
         return job.app_id
@@ -1884,19 +1875,9 @@ class PersistentDockerScheduler(DockerScheduler):
             "make it writable, or pass another state_dir",
         )
 
-    def _record_start_failure(
-        self, record: AppRecord, container: DockerContainer, error: BaseException
-    ) -> None:
-        labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
-        reason = (
-            f"could not start replica {labels[LABEL_REPLICA_ID]} of role {labels[LABEL_ROLE_NAME]!r} "
-            f"from image {container.image!r}: {error}"
-        )
-        gone = {"vanished": "was removed: the app could not start", "ended": time.time(), "logs": "lost"}
-        ended = record.with_ends({rep.name: gone for rep in record.replicas})
-        failed = dataclasses.replace(ended, start_error=reason)
+    def _record_start_failure(self, record: AppRecord, reason: str, error: BaseException) -> None:
         try:
-            self._save(failed)
+            self._save(_start_failed(record, reason))
         except OSError as e:
             log.warning(
                 "app %s: could not record that it could not start in %s (%s); the next describe or "
@@ -1925,10 +1906,6 @@ class PersistentDockerScheduler(DockerScheduler):
         if record is None:
             return None
         return record, {_container_name(c): _listed_state(c) for c in containers}
-
-    def _adopted(self, app_id: str) -> AppRecord | None:
-        unrecorded = self._unrecorded(app_id)
-        return None if unrecorded is None else unrecorded[0]
 
     def _reconciled(
         self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
@@ -2189,7 +2166,7 @@ class PersistentDockerScheduler(DockerScheduler):
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = apps.get(app_id) or self._adopted(app_id)
+            record = apps.get(app_id) or (self._unrecorded(app_id) or (None, None))[0]
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return
