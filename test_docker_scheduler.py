@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import io
 import json
 import logging
@@ -42,6 +41,7 @@ from docker.errors import DockerException, NotFound
 from torchx import specs
 from torchx.schedulers import get_scheduler_factories
 from torchx.schedulers.api import Scheduler, Stream
+from torchx.schedulers.docker_scheduler import LABEL_APP_ID
 from torchx.specs import AppState
 
 import docker_scheduler
@@ -161,7 +161,7 @@ def remove_session_containers(client: docker.DockerClient, session: str) -> None
 
 
 def remove_app_containers(client: docker.DockerClient, app_id: str) -> None:
-    for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}):
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
         c.remove(force=True)
 
 
@@ -175,20 +175,35 @@ def submit(scheduler: PersistentDockerScheduler, *roles: specs.Role, name: str =
     return scheduler.submit(specs.AppDef(name, roles=list(roles)), {**CFG, **cfg})
 
 
-def wait_for(scheduler: PersistentDockerScheduler, app_id: str, states: Any = TERMINAL, timeout: float = 60):
-    """Polls until the app is in ``states``; for terminal states, until every replica ended too."""
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.2) -> Any:
+    """Polls ``check`` until it returns something true, and returns that; fails after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout}s, still waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for(scheduler: PersistentDockerScheduler, app_id: str, states: Any = TERMINAL, timeout: float = 60):
+    """Polls until the app is in ``states``; for terminal states, until every replica ended too."""
+
+    def reached() -> Any:
         desc = scheduler.describe(app_id)
         replicas = [r.state for s in desc.roles_statuses for r in s.replicas] if desc else []
         settled = states != TERMINAL or all(r in TERMINAL for r in replicas)
-        if desc is not None and desc.state in states and settled:
-            return desc
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{app_id} is {desc.state if desc else None}, not in {states}, after {timeout}s"
-            )
-        time.sleep(0.2)
+        return desc if desc is not None and desc.state in states and settled else None
+
+    return wait_until(reached, f"{app_id} to be in {states}", timeout)
+
+
+def assert_nothing_created(client: docker.DockerClient, scheduler: PersistentDockerScheduler) -> None:
+    """No container of the scheduler's session, and no session file."""
+    labelled = {"label": f"{LABEL_SESSION}={scheduler.session_name}"}
+    assert client.containers.list(all=True, filters=labelled) == []
+    assert not os.path.exists(scheduler.session_file)
 
 
 def start_long(scheduler: PersistentDockerScheduler, replicas: int = 1) -> str:
@@ -199,7 +214,7 @@ def start_long(scheduler: PersistentDockerScheduler, replicas: int = 1) -> str:
 
 
 def container_names(client: docker.DockerClient, app_id: str) -> list[str]:
-    found = client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
+    found = client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
     return sorted(c.name for c in found)
 
 
@@ -231,7 +246,7 @@ def run_python(code: str, state_dir: str, env: dict[str, str] | None = None) -> 
 def test_session_name_is_validated(name: str, state_dir: str) -> None:
     with pytest.raises(ValueError, match="invalid session name"):
         PersistentDockerScheduler(name, state_dir=state_dir)
-    assert not os.path.exists(os.path.join(state_dir, f"{name}.pickle"))
+    assert not os.path.exists(state_dir)  # refused before anything is made
 
 
 def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,6 +257,134 @@ def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch:
     assert PersistentDockerScheduler("s").state_dir == str(tmp_path / "env")
     scheduler = PersistentDockerScheduler("s", state_dir=str(tmp_path / "arg"))
     assert scheduler.session_file == str(tmp_path / "arg" / "s.pickle")
+
+
+# ---------------------------------------------------------------------------
+# Records (pure: no daemon)
+# ---------------------------------------------------------------------------
+
+
+def _record(**replica: Any) -> docker_scheduler.AppRecord:
+    """A one-replica app's record, the replica's fields overridden by ``replica``."""
+    rep = docker_scheduler.ReplicaRecord("r", 0, "app-r-0", **replica)
+    role = docker_scheduler.RoleRecord("r", IMAGE, "sh", ("-c", "true"), {"K": "v"}, 1, 0)
+    return docker_scheduler.AppRecord("app", 1.0, (role,), (rep,))
+
+
+def test_records_are_replaced_never_mutated_and_read_back_whole() -> None:
+    record = _record(exit_code=3, exit_note="out of memory", ended=2.0, logs="recorded")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.replicas[0].exit_code = 0  # type: ignore[misc]
+    plain = pickle.loads(pickle.dumps(record.to_plain()))
+    assert _builtin_only(plain)
+    assert docker_scheduler._from_plain(docker_scheduler.AppRecord, plain) == record
+    ended = record.with_ends({"app-r-0": {"exit_code": 0}})  # final already: only logs may be retried
+    assert ended.replicas[0].exit_code == 3 and record.replicas[0].exit_code == 3
+
+
+def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> None:
+    store = docker_scheduler._SessionStore(str(tmp_path), "s", dict)
+    with store.update() as apps:
+        apps["a"] = dataclasses.replace(_record(), app_id="a")
+        apps["b"] = dataclasses.replace(_record(), app_id="b")
+    blob = store._entries["a"][2]
+    with store.update() as apps:
+        apps["b"] = apps["b"].with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
+    assert store._entries["a"][2] is blob  # not pickled again
+    fresh = docker_scheduler._SessionStore(str(tmp_path), "s", dict)
+    assert [(app_id, state) for app_id, state in fresh.summaries()] == [("a", None), ("b", "FAILED")]
+    assert fresh._records == {}  # nothing decoded until asked
+    assert fresh.get("b").replicas[0].exit_code == 1 and set(fresh._records) == {"b"}
+
+
+# ---------------------------------------------------------------------------
+# Log harvest and reconciliation (pure: no daemon)
+# ---------------------------------------------------------------------------
+
+T1, T2 = b"2026-11-30T01:02:03.000000001Z", b"2026-11-30T01:02:04.000000002Z"
+
+
+def test_a_raw_tty_log_split_mid_line_is_harvested_whole(tmp_path: Path) -> None:
+    blocks = [T1 + b" hello wor", b"ld\n" + T2 + b" second line\n"]
+    assert list(docker_scheduler._frames(iter(blocks))) == [
+        (1, T1 + b" hello world\n"),
+        (1, T2 + b" second line\n"),
+    ]
+    dests = {1: str(tmp_path / "out"), 2: str(tmp_path / "err")}
+    docker_scheduler._write_streams(docker_scheduler._frames(iter(blocks)), dests)
+    assert (tmp_path / "out").read_bytes() == T1 + b" hello world\n" + T2 + b" second line\n"
+
+
+def test_a_multiplexed_log_whose_first_block_is_short_is_demultiplexed() -> None:
+    body = b"\x01\x00\x00\x00\x00\x00\x00\x03hi\n" + b"\x02\x00\x00\x00\x00\x00\x00\x04err\n"
+    for cut in range(1, len(body)):
+        blocks = [body[:cut], body[cut:]]
+        assert list(docker_scheduler._frames(iter(blocks))) == [(1, b"hi\n"), (2, b"err\n")], cut
+
+
+def test_timestamps_with_an_offset_mean_the_same_instant_everywhere() -> None:
+    assert docker_scheduler._fixed_stamp(b"2026-11-30T03:02:03.5+02:00 x\n") == (
+        b"2026-11-30T01:02:03.500000000Z x\n"
+    )
+    finished = datetime(2026, 11, 30, 1, 2, 3, 500000, tzinfo=timezone.utc).timestamp()
+    assert docker_scheduler._finished_at("2026-11-30T03:02:03.5+02:00") == finished
+    assert docker_scheduler._finished_at("2026-11-30T01:02:03.500000000Z") == finished
+
+
+def _listed(state: str) -> dict[str, Any]:
+    return {"State": state}
+
+
+@pytest.mark.parametrize(
+    "replica, listed, in_progress, started, expected",
+    [
+        ({}, {"app-r-0": _listed("running")}, False, True, {"live": {"app-r-0": AppState.RUNNING}}),
+        ({}, {"app-r-0": _listed("exited")}, False, True, {"inspect": ("app-r-0",)}),
+        ({}, {}, False, True, {"ends": {"vanished": docker_scheduler._VANISHED, "logs": "lost"}}),
+        (
+            {"exit_code": 1, "logs": "retry", "log_error": "full"},
+            {"app-r-0": _listed("exited")},
+            False,
+            True,
+            {"retry": ("app-r-0",)},
+        ),
+        (
+            {"exit_code": 1, "logs": "retry", "log_error": "full"},
+            {},
+            False,
+            True,
+            {"ends": {"logs": "lost", "log_error": ""}},
+        ),
+        ({"exit_code": 0, "logs": "recorded"}, {"app-r-0": _listed("exited")}, False, True, {}),
+    ],
+    ids=["running", "ended", "vanished", "logs-retried", "logs-lost", "settled"],
+)
+def test_plan_decides_from_the_record_and_the_listing(
+    replica: dict[str, Any],
+    listed: dict[str, Any],
+    in_progress: bool,
+    started: bool,
+    expected: dict[str, Any],
+) -> None:
+    plan = docker_scheduler._plan(
+        _record(**replica), listed, start_in_progress=in_progress, started=started, now=5.0
+    )
+    assert plan.live == expected.get("live", {})
+    assert (plan.inspect, plan.retry) == (expected.get("inspect", ()), expected.get("retry", ()))
+    ends = {name: {k: v for k, v in end.items() if k != "ended"} for name, end in plan.ends.items()}
+    assert ends == ({"app-r-0": expected["ends"]} if "ends" in expected else {})
+    assert not plan.write
+
+
+def test_plan_leaves_a_starting_app_alone_until_its_start_is_over() -> None:
+    starting = dataclasses.replace(_record(), starting=True)
+    listed = {"app-r-0": _listed("created")}
+    plan = docker_scheduler._plan(starting, listed, start_in_progress=True, started=False, now=5.0)
+    assert plan.live == {"app-r-0": AppState.SUBMITTED} and not plan.ends and not plan.write
+    plan = docker_scheduler._plan(starting, {}, start_in_progress=False, started=False, now=5.0)
+    assert plan.ends["app-r-0"]["vanished"] == docker_scheduler._NEVER_CREATED and plan.write
+    plan = docker_scheduler._plan(starting, {}, start_in_progress=False, started=True, now=5.0)
+    assert plan.ends["app-r-0"]["vanished"] == docker_scheduler._VANISHED
 
 
 # ---------------------------------------------------------------------------
@@ -359,15 +502,13 @@ def test_running_app_reads_running_until_every_replica_ends(
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("quick", "exit 0"), role("slow", LONG))
-    deadline = time.monotonic() + 30
-    while True:
+
+    def quick_done() -> Any:
         desc = scheduler.describe(app_id)
         replicas = {s.role: s.replicas[0].state for s in desc.roles_statuses}
-        if replicas == {"quick": AppState.SUCCEEDED, "slow": AppState.RUNNING}:
-            break
-        assert time.monotonic() < deadline, replicas
-        time.sleep(0.2)
-    assert desc.state == AppState.RUNNING
+        return desc if replicas == {"quick": AppState.SUCCEEDED, "slow": AppState.RUNNING} else None
+
+    assert wait_until(quick_done, "quick to succeed while slow runs", 30).state == AppState.RUNNING
 
 
 @pytest.mark.parametrize(
@@ -425,24 +566,6 @@ def test_container_removed_before_exit_reads_failed_and_ends_waits(
     desc = scheduler.describe(app_id)
     assert desc.state == AppState.FAILED
     assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.FAILED] * 2
-
-
-def test_recorded_app_is_served_without_docker(make: Callable[..., PersistentDockerScheduler]) -> None:
-    scheduler = make()
-    app_id = submit(scheduler, role("r", "echo recorded; exit 2"))
-    wait_for(scheduler, app_id)
-    seen = run_python(
-        f"""
-        import json
-        from docker_scheduler import PersistentDockerScheduler
-        s = PersistentDockerScheduler({scheduler.session_name!r})
-        d = s.describe({app_id!r})
-        print(json.dumps([d.state.name, list(s.log_iter({app_id!r}, "r"))]))
-        """,
-        scheduler.state_dir,
-        env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"},
-    )
-    assert seen == ["FAILED", ["recorded\n"]]
 
 
 # ---------------------------------------------------------------------------
@@ -603,7 +726,7 @@ def test_cancel_is_seen_by_every_process(
     assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.CANCELLED] * 2
     assert all(
         not c.attrs["State"]["Running"]
-        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
+        for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
     )
     seen = run_python(
         f"""
@@ -634,16 +757,17 @@ def test_cancel_of_a_failed_app_stops_the_rest_and_keeps_failed(
 ) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("broken", "exit 2"), role("server", LONG))
-    deadline = time.monotonic() + 30
-    while not any(r.state == AppState.FAILED for r in scheduler.describe(app_id).roles_statuses[0].replicas):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(
+        lambda: scheduler.describe(app_id).roles_statuses[0].replicas[0].state == AppState.FAILED,
+        "the broken replica to fail",
+        30,
+    )
     scheduler.cancel(app_id)
     desc = scheduler.describe(app_id)
     assert desc.state == AppState.FAILED and "broken/0 exited with code 2" in desc.msg
     assert all(
         not c.attrs["State"]["Running"]
-        for c in client.containers.list(all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"})
+        for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
     )
 
 
@@ -840,6 +964,118 @@ def test_a_format_1_session_file_stays_readable_and_is_upgraded(
     assert {a.app_id for a in make(session="v1").list()} == {old, new}
 
 
+# A session file of format 2, written by the release before the records became
+# dataclasses: app old-tj4k25kh6zlkld ran `echo out; echo err >&2; exit 3` with env
+# K=v, and stopped-vtcmf20htwjtsc printed "started" and was cancelled; both with
+# remove_on_exit, so their containers are gone.
+FORMAT_2_FILE = (
+    "gAWVmQYAAAAAAAB9lCiMBmZvcm1hdJRLAowHc2Vzc2lvbpSMAnYylIwEYXBwc5R9lCiMEm9sZC10ajRrMjVraDZ6bGtsZJRCCwMA"
+    "AIAFlQADAAAAAAAAfZQojAZhcHBfaWSUjBJvbGQtdGo0azI1a2g2emxrbGSUjAdjcmVhdGVklEdB2sM/h02BhIwFc3RhdGWUTowD"
+    "bXNnlIwAlIwOcmVtb3ZlX29uX2V4aXSUiIwFcm9sZXOUXZR9lCiMBG5hbWWUjAJzaJSMBWltYWdllIwHYnVzeWJveJSMCmVudHJ5"
+    "cG9pbnSUaAyMBGFyZ3OUXZQojAItY5SMHmVjaG8gb3V0OyBlY2hvIGVyciA+JjI7IGV4aXQgM5RljANlbnaUfZSMAUuUjAF2lHOM"
+    "DG51bV9yZXBsaWNhc5RLAYwLbWF4X3JldHJpZXOUSwB1YYwIcmVwbGljYXOUXZR9lCiMBHJvbGWUaAyMAmlklEsAaAuMF29sZC10"
+    "ajRrMjVraDZ6bGtsZC1zaC0wlIwJZXhpdF9jb2RllEsDjAhyZXN0YXJ0c5RLAIwEbG9zdJSJjARsb2dzlIiMBWVycm9ylGgGjAdy"
+    "ZXF1ZXN0lH2UKGgNaA6MB2NvbW1hbmSUXZQoaAxoEmgTZYwGa3dhcmdzlH2UKGgLaB+MC2Vudmlyb25tZW50lH2UKGgWaBeMEVRP"
+    "UkNIWF9SQU5LMF9IT1NUlIwXb2xkLXRqNGsyNWtoNnpsa2xkLXNoLTCUdYwGbGFiZWxzlH2UKIwadG9yY2h4LnB5dG9yY2gub3Jn"
+    "L3ZlcnNpb26UjAUwLjcuMJSMGXRvcmNoeC5weXRvcmNoLm9yZy9hcHAtaWSUaAKMHHRvcmNoeC5weXRvcmNoLm9yZy9yb2xlLW5h"
+    "bWWUaAyMHXRvcmNoeC5weXRvcmNoLm9yZy9yZXBsaWNhLWlklIwBMJSMGGRvY2tlci1zY2hlZHVsZXIvc2Vzc2lvbpSMAnYylHWM"
+    "CGhvc3RuYW1llGgfjApwcml2aWxlZ2VklImMB25ldHdvcmuUjAZ0b3JjaHiUjAZtb3VudHOUXZSMB2RldmljZXOUXZR1dYwFZW5k"
+    "ZWSUR0Hawz+HQAAAjAlsb2dfZXJyb3KUaAZ1YXUulIwWc3RvcHBlZC12dGNtZjIwaHR3anRzY5RCKgMAAIAFlR8DAAAAAAAAfZQo"
+    "jAZhcHBfaWSUjBZzdG9wcGVkLXZ0Y21mMjBodHdqdHNjlIwHY3JlYXRlZJRHQdrDP4gqCYuMBXN0YXRllIwJQ0FOQ0VMTEVElIwD"
+    "bXNnlIwAlIwOcmVtb3ZlX29uX2V4aXSUiIwFcm9sZXOUXZR9lCiMBG5hbWWUjAJzaJSMBWltYWdllIwHYnVzeWJveJSMCmVudHJ5"
+    "cG9pbnSUaA2MBGFyZ3OUXZQojAItY5SMNGVjaG8gc3RhcnRlZDsgdHJhcCAnZXhpdCAxNDMnIFRFUk07IHNsZWVwIDMwMCAmIHdh"
+    "aXSUZYwDZW52lH2UjAxudW1fcmVwbGljYXOUSwGMC21heF9yZXRyaWVzlEsAdWGMCHJlcGxpY2FzlF2UfZQojARyb2xllGgNjAJp"
+    "ZJRLAGgMjBtzdG9wcGVkLXZ0Y21mMjBodHdqdHNjLXNoLTCUjAlleGl0X2NvZGWUS4+MCHJlc3RhcnRzlEsAjARsb3N0lImMBGxv"
+    "Z3OUiIwFZXJyb3KUaAeMB3JlcXVlc3SUfZQoaA5oD4wHY29tbWFuZJRdlChoDWgTaBRljAZrd2FyZ3OUfZQoaAxoHowLZW52aXJv"
+    "bm1lbnSUfZSMEVRPUkNIWF9SQU5LMF9IT1NUlIwbc3RvcHBlZC12dGNtZjIwaHR3anRzYy1zaC0wlHOMBmxhYmVsc5R9lCiMGnRv"
+    "cmNoeC5weXRvcmNoLm9yZy92ZXJzaW9ulIwFMC43LjCUjBl0b3JjaHgucHl0b3JjaC5vcmcvYXBwLWlklGgCjBx0b3JjaHgucHl0"
+    "b3JjaC5vcmcvcm9sZS1uYW1llGgNjB10b3JjaHgucHl0b3JjaC5vcmcvcmVwbGljYS1pZJSMATCUjBhkb2NrZXItc2NoZWR1bGVy"
+    "L3Nlc3Npb26UjAJ2MpR1jAhob3N0bmFtZZRoHowKcHJpdmlsZWdlZJSJjAduZXR3b3JrlIwGdG9yY2h4lIwGbW91bnRzlF2UjAdk"
+    "ZXZpY2VzlF2UdXWMBWVuZGVklEdB2sM/iEAAAIwJbG9nX2Vycm9ylGgHdWF1LpR1dS4="
+)
+
+
+def test_a_format_2_session_file_stays_readable_and_is_upgraded(
+    make: Callable[..., PersistentDockerScheduler], state_dir: str
+) -> None:
+    import base64
+
+    failed, cancelled = "old-tj4k25kh6zlkld", "stopped-vtcmf20htwjtsc"
+    logs = Path(state_dir) / "v2.logs"
+    for app_id, name, text in [
+        (failed, "sh.0.stdout", b"2026-11-30T04:39:57.753527392Z out\n"),
+        (failed, "sh.0.stderr", b"2026-11-30T04:39:57.753621946Z err\n"),
+        (cancelled, "sh.0.stdout", b"2026-11-30T04:40:01.235624939Z started\n"),
+        (cancelled, "sh.0.stderr", b""),
+    ]:
+        (logs / app_id).mkdir(parents=True, mode=0o700, exist_ok=True)
+        (logs / app_id / name).write_bytes(text)
+    path = Path(state_dir) / "v2.pickle"
+    path.write_bytes(base64.b64decode(FORMAT_2_FILE))
+    path.chmod(0o600)
+
+    scheduler = make(session="v2")
+    assert [(a.app_id, a.state) for a in scheduler.list()] == [
+        (failed, AppState.FAILED),
+        (cancelled, AppState.CANCELLED),
+    ]
+    desc = scheduler.describe(failed)
+    assert (desc.state, desc.msg, desc.roles[0].env) == (
+        AppState.FAILED,
+        "sh/0 exited with code 3",
+        {"K": "v"},
+    )
+    assert list(scheduler.log_iter(failed, "sh")) == ["out\n", "err\n"]
+    desc = scheduler.describe(cancelled)
+    assert (desc.state, desc.msg) == (AppState.CANCELLED, "cancelled; sh/0 was stopped with code 143")
+    assert list(scheduler.log_iter(cancelled, "sh")) == ["started\n"]
+    c = scheduler.describe_native(failed).request.containers[0]
+    assert (c.image, c.command) == ("busybox", ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert c.kwargs["environment"]["K"] == "v" and c.kwargs["labels"][LABEL_SESSION] == "v2"
+
+    scheduler.delete(cancelled)  # a write: the file is upgraded
+    with path.open("rb") as f:
+        data = docker_scheduler._RestrictedUnpickler(f).load()
+    assert data["format"] == docker_scheduler.FORMAT_VERSION == 3 and set(data["apps"]) == {failed}
+    assert make(session="v2").describe(failed).state == AppState.FAILED
+
+
+def _session_file(session: str, apps: dict[str, Any]) -> bytes:
+    """A format-3 session file holding ``apps`` (id to a plain record dict) as given."""
+    entries = {app_id: (1.0, None, pickle.dumps(plain)) for app_id, plain in apps.items()}
+    return pickle.dumps({"format": 3, "session": session, "apps": entries})
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda plain: {**plain, "replicas": [1]},
+        lambda plain: {k: v for k, v in plain.items() if k != "roles"},
+        lambda plain: {**plain, "cancelled": "yes"},
+        lambda plain: {**plain, "replicas": [{**plain["replicas"][0], "logs": "somewhere"}]},
+        lambda plain: {**plain, "app_id": "another-app"},
+        lambda plain: ["not", "a", "record"],
+    ],
+    ids=["replica-not-a-dict", "no-roles", "bad-flag", "bad-log-status", "wrong-id", "not-a-dict"],
+)
+def test_a_record_of_the_wrong_shape_is_moved_aside_and_rebuilt(
+    damage: Callable[[dict[str, Any]], Any],
+    make: Callable[..., PersistentDockerScheduler],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make(detach=True)
+    running = start_long(scheduler)
+    plain = scheduler._store.get(running).to_plain()
+    bad = _session_file(scheduler.session_name, {running: damage(plain)})
+    Path(scheduler.session_file).write_bytes(bad)
+    fresh = make(session=scheduler.session_name)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert fresh.describe(running).state == AppState.RUNNING
+    aside = [p for p in Path(fresh.state_dir).iterdir() if ".pickle.corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == bad and str(aside[0]) in caplog.text
+    assert [(a.app_id, a.state) for a in fresh.list()] == [(running, AppState.RUNNING)]
+
+
 # ---------------------------------------------------------------------------
 # Scheduler: container options for training (shm_size, ipc_mode, ulimits)
 # ---------------------------------------------------------------------------
@@ -912,10 +1148,7 @@ def test_bad_container_options_are_value_errors_before_anything_is_created(
     shown = value if isinstance(value, str) else value[-1]
     assert option in str(raised.value) and repr(shown) in str(raised.value)
     assert example in str(raised.value)
-    assert (
-        client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
-    )
-    assert not os.path.exists(scheduler.session_file)
+    assert_nothing_created(client, scheduler)
 
 
 def test_readme_training_example_runs_from_a_copied_file(
@@ -1026,14 +1259,14 @@ def test_garbage_collection_and_interpreter_exit_never_stop_apps(
     )
     scheduler = make(session=session)
     assert wait_for(scheduler, app_id, (AppState.RUNNING,)).state == AppState.RUNNING
-    gc.collect()
-    assert scheduler.describe(app_id).state == AppState.RUNNING
 
 
 def test_close_never_raises_when_docker_went_away(make: Callable[..., PersistentDockerScheduler]) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("r", LONG))
-    scheduler._docker._client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+    scheduler._docker._client = docker.DockerClient(
+        base_url="unix:///nonexistent/docker.sock", version="1.41"
+    )
     scheduler.close()
     assert make(session=scheduler.session_name).describe(app_id).state == AppState.RUNNING
 
@@ -1152,10 +1385,11 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
         long_handle = waiting.stdout.readline().strip()
         assert long_handle.startswith("local_docker_persistent://"), waiting.communicate(timeout=60)
         handles.append(long_handle)
-        deadline = time.monotonic() + 60
-        while "State: RUNNING" not in _torchx("status", long_handle, cwd=work, env=env).stdout:
-            assert time.monotonic() < deadline, "the app never ran"
-            time.sleep(0.3)
+        wait_until(
+            lambda: "State: RUNNING" in _torchx("status", long_handle, cwd=work, env=env).stdout,
+            "the app to run",
+            interval=0.3,
+        )
         waiting.send_signal(signal.SIGINT)
         waiting.communicate(timeout=60)
         assert "State: RUNNING" in _torchx("status", long_handle, cwd=work, env=env).stdout
@@ -1166,9 +1400,7 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
         built = set()
         for handle in handles:
             app_id = handle.rsplit("/", 1)[-1]
-            for c in client.containers.list(
-                all=True, filters={"label": f"torchx.pytorch.org/app-id={app_id}"}
-            ):
+            for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
                 if c.attrs["Config"]["Image"].startswith("sha256:"):
                     built.add(c.attrs["Config"]["Image"])
                 c.remove(force=True)
@@ -1216,6 +1448,9 @@ def test_runopts_show_every_option_with_its_help(tmp_path: Path) -> None:
         ("privileged", "elevated permissions"),
         ("image_pull", "when to pull each role's image"),
         ("remove_on_exit", "remove each container once"),
+        ("shm_size", "size of /dev/shm"),
+        ("ipc_mode", "ipc namespace"),
+        ("ulimits", "resource limits"),
         ("image_repo", "image repository"),
         ("quiet", "suppress verbose"),
     ]:
@@ -1339,10 +1574,12 @@ def test_sigkill_while_scheduling_never_corrupts_the_file(
     returned: list[str] = []
     for delay in [0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6]:
         proc = start_writer(session, 1000, state_dir)
-        time.sleep(1.2 + delay)  # interpreter start-up, then a varied point inside the loop
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # ready: its first schedule returned; then a varied point after
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
-        returned += out.split()
+        returned += (first + out).split()
         fresh = make(session=session)
         apps = fresh._store.apps()  # loads, or raises
         assert set(returned) <= set(apps)
@@ -1489,21 +1726,18 @@ def test_daemon_restart_mid_run_never_reads_succeeded(
     pid = int(Path("/var/run/docker.pid").read_text())
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while _alive(pid):
-        assert time.monotonic() < deadline, "dockerd did not stop"
-        time.sleep(0.2)
+    wait_until(lambda: not _alive(pid), "dockerd to stop")
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "docker_scheduler-ci" / "dockerd-restarted.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
-    while True:
-        try:
-            client.ping()
-            break
-        except Exception:
-            assert time.monotonic() < deadline, f"dockerd did not come back; see {log_path}"
-            time.sleep(0.5)
+
+    def answers() -> bool:
+        with contextlib.suppress(Exception):
+            return bool(client.ping())
+        return False
+
+    wait_until(answers, f"dockerd to come back (see {log_path})", interval=0.5)
     desc = wait_for(scheduler, app_id)
     assert desc.state == AppState.FAILED
     assert all(r.state == AppState.FAILED for r in desc.roles_statuses[0].replicas)
@@ -1560,10 +1794,7 @@ def test_bad_input_is_a_value_error_before_anything_is_created(
     scheduler = make()
     with pytest.raises(ValueError, match=message):
         scheduler.submit(app, CFG)
-    assert (
-        client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
-    )
-    assert not os.path.exists(scheduler.session_file)
+    assert_nothing_created(client, scheduler)
 
 
 def test_a_thousand_apps_load_describe_and_list(make: Callable[..., PersistentDockerScheduler]) -> None:
@@ -1593,14 +1824,13 @@ def test_retries_show_restarts_and_fail_only_after_the_last(
     scheduler = make()
     app_id = submit(scheduler, role("r", "echo try; sleep 0.5; exit 1", max_retries=2))
     seen = []
-    deadline = time.monotonic() + 60
-    while True:
+
+    def ended() -> Any:
         desc = scheduler.describe(app_id)
         seen.append(desc.state)
-        if desc.state in TERMINAL:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+        return desc if desc.state in TERMINAL else None
+
+    desc = wait_until(ended, "the retried app to end", interval=0.1)
     assert desc.state == AppState.FAILED and desc.num_restarts == 2
     assert AppState.FAILED not in seen[:-1] and AppState.RUNNING in seen
     (name,) = container_names(client, app_id)
@@ -1782,10 +2012,7 @@ def _crash_while_scheduling(scheduler: PersistentDockerScheduler, when: str) -> 
 
 
 def _only_app(scheduler: PersistentDockerScheduler, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while not scheduler._store.apps():
-        assert time.monotonic() < deadline, "the crashing process never recorded its app"
-        time.sleep(0.05)
+    wait_until(lambda: scheduler._store.apps(), "the crashing process to record its app", timeout, 0.05)
     (app_id,) = scheduler._store.apps()
     return app_id
 
@@ -1827,11 +2054,12 @@ def test_prune_deletes_old_ended_apps_of_this_session_only(
     running = start_long(scheduler)
     finished = client.api.inspect_container(f"{ended}-r-0")["State"]["FinishedAt"]
     recorded = scheduler._store.apps()[ended].replicas[0].ended
-    assert abs(recorded - datetime.fromisoformat(finished[:19]).replace(tzinfo=timezone.utc).timestamp()) < 2
+    base, fraction = re.match(r"([^.Z+]{19})(?:\.(\d+))?", finished).groups()
+    expected = datetime.fromisoformat(base + "+00:00").timestamp() + float("0." + (fraction or "0"))
+    assert abs(recorded - expected) < 0.01
 
     assert scheduler.prune(timedelta(hours=1)) == []
-    time.sleep(1.1)  # the ends must lie before the cutoff
-    assert scheduler.prune(timedelta(seconds=1)) == [ended, failed]
+    assert scheduler.prune(timedelta(0)) == [ended, failed]
     assert [a.app_id for a in scheduler.list()] == [running]
     assert container_names(client, ended) == container_names(client, failed) == []
     assert scheduler.describe(running).state == AppState.RUNNING
@@ -1863,15 +2091,16 @@ def registry(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     with open(root / "registry.log", "wb") as out:
         proc = subprocess.Popen([exe, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def answers() -> bool:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
-                break
             except OSError:
                 assert proc.poll() is None, (root / "registry.log").read_text()
-                assert time.monotonic() < deadline, "the registry never answered"
-                time.sleep(0.2)
+                return False
+            return True
+
+        wait_until(answers, "the registry to answer", 30)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -1906,10 +2135,7 @@ def test_image_pull_never_refuses_a_missing_image(
         scheduler.submit(app, {"image_pull": "never"})
     with pytest.raises(ValueError, match="image_pull='sometimes' is not one of always, missing, never"):
         scheduler.submit(app, {"image_pull": "sometimes"})
-    assert (
-        client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={scheduler.session_name}"}) == []
-    )
-    assert not os.path.exists(scheduler.session_file)
+    assert_nothing_created(client, scheduler)
 
 
 def test_image_pull_missing_pulls_only_what_docker_lacks(
