@@ -38,6 +38,7 @@ import docker  # noqa: E402
 from torchx import specs  # noqa: E402
 from torchx.schedulers.docker_scheduler import LABEL_APP_ID, DockerScheduler  # noqa: E402
 
+import docker_scheduler  # noqa: E402
 from docker_scheduler import PersistentDockerScheduler  # noqa: E402
 from test_docker_scheduler import provision_busybox  # noqa: E402
 
@@ -357,12 +358,7 @@ class Bench:
         real = self.submit("ours", "true")
         wait_until(lambda: self.exited(real))
         self.ours.describe(real)
-        with self.ours._store.update() as apps:
-            template = apps[real]
-            for i in range(1000 - len(apps)):
-                record = pickle.loads(pickle.dumps(template))  # its own strings, as a real app has
-                record["app_id"] = f"synthetic-{i:04d}"
-                apps[record["app_id"]] = record
+        fill_session(self.ours, real, 1000)
         overhead, describe = [], []
         counter = self.counters["ours"]
         for _ in range(self.runs):
@@ -384,6 +380,53 @@ class Bench:
             ),
             Row("describe(), finished app, 1,000 apps", "ms/call", "<= 1 ms", ours=describe),
         ]
+
+    def fresh_process(self) -> list[Row]:
+        """A fresh process's first describe() of one app and first list(), at 10,000 and 50,000 apps."""
+        rows = []
+        for count in (10_000, 50_000):
+            session = f"{self.session}-{count}"
+            scheduler = PersistentDockerScheduler(session, state_dir=self.state_dir, detach=True)
+            real = scheduler.submit(self.app("true"), {})
+            self.app_ids.append(real)
+            wait_until(lambda real=real: self.exited(real))
+            scheduler.describe(real)
+            fill_session(scheduler, real, count)
+            size = os.path.getsize(scheduler.session_file) / 1e6
+            load = f"import pickle; pickle.load(open({scheduler.session_file!r}, 'rb'))"
+            make = "from docker_scheduler import PersistentDockerScheduler as S\n"
+            make += f"s = S({session!r}, state_dir={self.state_dir!r})"
+            for case, call in (("describe() of one app", f"s.describe({real!r})"), ("list()", "s.list()")):
+                row = Row(
+                    f"fresh process, first {case}, {count:,} apps",
+                    "ms",
+                    "<= 2x pickle.load",
+                    baseline="plain `pickle.load` of the file",
+                    note=f"session file {size:.1f} MB",
+                )
+                for _ in range(self.runs):
+                    row.torchx.append(timed_in_fresh_process("", load))
+                    row.ours.append(timed_in_fresh_process(make, call))
+                rows.append(row)
+        return rows
+
+
+def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) -> None:
+    """Fills the session with copies of ``real``'s record (each with its own strings) up to ``count`` apps."""
+    with scheduler._store.update() as apps:
+        template = apps[real].to_plain()
+        for i in range(count - len(apps)):
+            plain = pickle.loads(pickle.dumps(template))
+            plain["app_id"] = f"synthetic-{i:05d}"
+            apps[plain["app_id"]] = docker_scheduler._from_plain(docker_scheduler.AppRecord, plain)
+
+
+def timed_in_fresh_process(setup: str, statement: str) -> float:
+    """Milliseconds ``statement`` takes in a new interpreter, after ``setup`` ran there."""
+    code = f"import time\n{setup}\nstart = time.perf_counter()\n{statement}\n"
+    code += "print((time.perf_counter() - start) * 1e3)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
 
 
 # ---------------------------------------------------------------------------
@@ -444,6 +487,7 @@ def main() -> None:
         ),
         "harvest_rss_1gb": bench.harvest_rss_1gb,
         "cli_echo": bench.cli_echo,
+        "fresh_process": bench.fresh_process,
     }
     try:
         for name, case in cases.items():
