@@ -1245,24 +1245,21 @@ class _Docker:
         return failed[0]
 
     def stop(self, names: Sequence[str], timeout: int = STOP_TIMEOUT) -> None:
-        api = self.client.api
-
-        def stop(name: str) -> None:
-            with contextlib.suppress(NotFound):
-                api.stop(name, timeout=timeout)
-
-        with _reaching_docker():
-            _fan_out(stop, names)
+        self._each(names, lambda api, name: api.stop(name, timeout=timeout))
 
     def remove(self, names: Sequence[str]) -> None:
+        self._each(names, lambda api, name: api.remove_container(name, force=True))
+
+    def _each(self, names: Sequence[str], call: Callable[[Any, str], object]) -> None:
+        """``call(api, name)`` for each container, side by side; one that is gone counts as done."""
         api = self.client.api
 
-        def remove(name: str) -> None:
+        def one(name: str) -> None:
             with contextlib.suppress(NotFound):
-                api.remove_container(name, force=True)
+                call(api, name)
 
         with _reaching_docker():
-            _fan_out(remove, names)
+            _fan_out(one, names)
 
     def prepare(self, images: Iterable[str], policy: str) -> None:
         """Makes every image available as ``policy`` says, and torchx's network."""
@@ -1314,24 +1311,17 @@ class _Docker:
                 log.info("pulling %s: %s", image, progress)
         log.info("pulled image %s", image)
 
-    def logs(
-        self,
-        name: str,
-        streams: Iterable[str],
-        *,
-        timestamps: bool,
-        follow: bool,
-        since: float | None = None,
-        until: float | None = None,
-    ) -> requests.Response:
-        """One ``GET /containers/<name>/logs`` for the given streams, its body left to read.
+    def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
+        """One ``GET /containers/<name>/logs`` for ``streams``, its body left to read.
 
-        docker-py reads such a body a frame at a time; reading it in large blocks
-        (see :py:func:`_frames`) is what makes a harvest as fast as ``docker logs``.
+        ``options`` are the endpoint's: ``timestamps``, ``follow``, ``since`` and ``until``
+        (None leaves one out). docker-py reads such a body a frame at a time; reading it in
+        large blocks (see :py:func:`_frames`) is what makes a harvest as fast as ``docker logs``.
         """
-        params = {"stdout": int("stdout" in streams), "stderr": int("stderr" in streams), "tail": "all"}
-        params.update(timestamps=int(timestamps), follow=int(follow))
-        params.update({key: t for key, t in (("since", since), ("until", until)) if t is not None})
+        params: dict[str, Any] = {
+            k: int(v) if isinstance(v, bool) else v for k, v in options.items() if v is not None
+        }
+        params.update(stdout=int("stdout" in streams), stderr=int("stderr" in streams), tail="all")
         api = self.client.api
         # No read timeout: a followed log may stay quiet for as long as its replica runs.
         response: requests.Response = api._get(
@@ -1919,14 +1909,12 @@ class PersistentDockerScheduler(DockerScheduler):
         app_id = record.app_id
         if listed is None:
             listed = self._docker.containers({LABEL_APP_ID: app_id})
-        starting = record.starting
-        plan = _plan(
-            record,
-            {_container_name(c): c for c in listed},
-            start_in_progress=starting and self._logs.start_in_progress(app_id),
-            started=starting and self._logs.started(app_id),
-            now=time.time(),
+        starting, by_name = record.starting, {_container_name(c): c for c in listed}
+        in_progress, started = (
+            starting and self._logs.start_in_progress(app_id),
+            starting and self._logs.started(app_id),
         )
+        plan = _plan(record, by_name, start_in_progress=in_progress, started=started, now=time.time())
         live, ends = dict(plan.live), dict(plan.ends)
         reps = {rep.name: rep for rep in record.replicas}
         for name in ends:
@@ -2100,14 +2088,8 @@ class PersistentDockerScheduler(DockerScheduler):
         if rep.logs != "recorded":
             try:
                 with _reaching_docker():
-                    response = self._docker.logs(
-                        rep.name,
-                        wanted,
-                        timestamps=False,
-                        follow=follow,
-                        since=_epoch(since),
-                        until=_epoch(until),
-                    )
+                    times = {"since": _epoch(since), "until": _epoch(until)}
+                    response = self._docker.logs(rep.name, wanted, timestamps=False, follow=follow, **times)
                 return _whole_lines(payload for _, payload in _frames(response.iter_content(_READ_SIZE)))
             except NotFound:  # the container went away: maybe another process harvested it first
                 rep = self._refreshed(app_id, rep)
@@ -2115,7 +2097,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 log.warning("Docker cannot serve the logs of %s: %s", rep.name, e.explanation or e)
                 return iter(())
         if rep.logs == "recorded":
-            return self._logs.lines(app_id, rep, wanted, since, until)
+            return self._logs.lines(app_id, rep, wanted, since=since, until=until)
         log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
         return iter(())
 
