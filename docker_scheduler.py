@@ -34,10 +34,11 @@ or through a torchx ``Runner``::
         print(runner.wait(handle, wait_interval=1))
 
 The module reads top to bottom in the order data flows: labels and constants;
-run options and input checks; records; the session store; the Docker adapter;
-the log directory and its harvest; reconciliation, which decides from a record
-and what Docker lists what to harvest and record; the scheduler over all of
-them; and the factory.
+run options and input checks; records; the session store; the log harvest
+(Docker's log stream, to and from files); the Docker adapter; the log
+directory; reconciliation, which decides from a record and what Docker lists
+what to harvest and record; the scheduler, a thin torchx surface over them;
+and the factory.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ __all__ = ["DockerUnavailableError", "PersistentDockerScheduler", "create_schedu
 
 log: logging.Logger = logging.getLogger(__name__)
 
+
+def _warn_once(seen: set[tuple[str, str]], key: tuple[str, str], message: str, *args: Any) -> None:
+    """Logs a warning the first time ``key`` (a subject and a cause) comes up in ``seen``."""
+    if key not in seen:
+        seen.add(key)
+        log.warning(message, *args)
+
+
 # ---------------------------------------------------------------------------
 # Labels and constants
 # ---------------------------------------------------------------------------
@@ -147,37 +156,6 @@ _ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
 _STARTED = ".started"
 # At most this many Docker requests of one kind (create, stop, remove, harvest) run at once.
 _DOCKER_WORKERS = 8
-
-
-class DockerUnavailableError(RuntimeError):
-    """The Docker daemon did not answer at the endpoint in use."""
-
-
-def _docker_endpoint() -> str:
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-
-def _unavailable(cause: BaseException) -> DockerUnavailableError:
-    return DockerUnavailableError(
-        f"cannot reach the Docker daemon at {_docker_endpoint()} ({cause}); "
-        "start it (e.g. `dockerd` or `systemctl start docker`) or point DOCKER_HOST at one that runs"
-    )
-
-
-def _warn_once(seen: set[tuple[str, str]], key: tuple[str, str], message: str, *args: Any) -> None:
-    """Logs a warning the first time ``key`` (a subject and a cause) comes up in ``seen``."""
-    if key not in seen:
-        seen.add(key)
-        log.warning(message, *args)
-
-
-@contextlib.contextmanager
-def _reaching_docker() -> Iterator[None]:
-    """Turns a connection failure into one error that names the endpoint."""
-    try:
-        yield
-    except requests.exceptions.ConnectionError as e:
-        raise _unavailable(e) from e
 
 
 # ---------------------------------------------------------------------------
@@ -746,6 +724,20 @@ def _record_state(record: AppRecord, live: Mapping[str, AppState]) -> AppState:
     return _app_state(states, cancelled=record.cancelled)
 
 
+def _replica(record: AppRecord, role_name: str, k: int) -> ReplicaRecord:
+    """Replica ``k`` of role ``role_name``; a ValueError names the valid roles or indices."""
+    roles = {r.name: r.num_replicas for r in record.roles}
+    if role_name not in roles:
+        raise ValueError(f"app {record.app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
+    for rep in record.replicas:
+        if rep.role == role_name and rep.id == k:
+            return rep
+    raise ValueError(
+        f"role {role_name!r} of app {record.app_id!r} has no replica {k}; "
+        f"valid replica indices are 0 to {roles[role_name] - 1}"
+    )
+
+
 def _start_failure(container: DockerContainer, error: BaseException) -> str:
     labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
     replica, role = labels[LABEL_REPLICA_ID], labels[LABEL_ROLE_NAME]
@@ -1128,8 +1120,204 @@ class _SessionStore:
 
 
 # ---------------------------------------------------------------------------
+# Log harvest: Docker's log stream, to and from files
+# ---------------------------------------------------------------------------
+# A harvested log is what `docker logs --timestamps` prints for one stream:
+# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
+# so since/until compare as bytes and two streams merge in time order.
+
+# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
+# fraction (or prints none) and may print an offset.
+_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
+    """A leading RFC 3339 timestamp: UTC date and time to the second, 9 fraction digits, its length."""
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        return None
+    base, fraction, zone = match.groups()
+    if zone != b"Z":
+        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
+        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
+    return base, (fraction or b"").ljust(9, b"0"), match.end()
+
+
+def _fixed_stamp(line: bytes) -> bytes:
+    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
+    if line[19:20] == b"." and line[29:31] == b"Z ":
+        return line  # dockerd's own
+    parsed = _parse_timestamp(line)
+    if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
+        return line
+    base, fraction, end = parsed
+    return b"%s.%sZ%s" % (base, fraction, line[end:])
+
+
+def _finished_at(stamp: Any) -> float:
+    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
+    parsed = _parse_timestamp(str(stamp).encode())
+    if parsed is None:
+        return time.time()
+    base, fraction, _ = parsed
+    finished = (
+        datetime.fromisoformat(base.decode()).replace(tzinfo=timezone.utc).timestamp() + int(fraction) / 1e9
+    )
+    return finished if finished > 0 else time.time()
+
+
+def _epoch(dt: datetime | None) -> float | None:
+    """``dt`` as Docker's API takes it (naive datetimes are UTC), or None when it filters nothing."""
+    if dt is None:
+        return None
+    seconds = _as_utc(dt).timestamp()
+    return seconds if seconds > 0 else None
+
+
+def _as_utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+def _docker_time(dt: datetime | None) -> bytes | None:
+    """``dt`` as Docker prints log timestamps, or None when it filters nothing."""
+    if dt is None or _epoch(dt) is None:
+        return None
+    return _as_utc(dt).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+
+
+# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
+# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
+_FRAME_HEADER = struct.Struct(">BxxxL")
+_STDOUT, _STDERR = 1, 2
+_READ_SIZE = 1 << 20
+
+
+def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(stream id, payload) for each frame of a log body read in blocks of any size.
+
+    A raw (TTY) body has no frames: each of its lines comes out as one stdout payload.
+    """
+    blocks = iter(blocks)
+    head = b""
+    for block in blocks:  # a frame header is 8 bytes: decide on no less
+        head += block
+        if len(head) >= _FRAME_HEADER.size:
+            break
+    rest = itertools.chain([head], blocks)
+    if head[:1] in (b"\0", b"\1", b"\2") and head[1:4] == b"\0\0\0" and len(head) >= _FRAME_HEADER.size:
+        yield from _demultiplexed(rest)
+    else:
+        yield from ((_STDOUT, line) for line in _whole_lines(rest))
+
+
+def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    data, pos = b"", 0
+    for block in blocks:
+        data = data[pos:] + block if pos < len(data) else block
+        pos, size = 0, len(data)
+        while pos + 8 <= size:
+            stream, length = _FRAME_HEADER.unpack_from(data, pos)
+            end = pos + 8 + length
+            if end > size:
+                break
+            yield stream, data[pos + 8 : end]
+            pos = end
+
+
+def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]) -> None:
+    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all."""
+    files: dict[int, Any] = {}
+    temps: dict[int, str] = {}
+    try:
+        for stream, dest in dests.items():
+            fd, temps[stream] = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
+            files[stream] = os.fdopen(fd, "wb", buffering=_READ_SIZE)
+        continued = dict.fromkeys(dests, False)
+        for stream, payload in frames:
+            out = files.get(stream)
+            if out is None:
+                continue
+            # A line Docker split into frames keeps its first timestamp only.
+            payload = payload.partition(b" ")[2] if continued[stream] else _fixed_stamp(payload)
+            out.write(payload)
+            continued[stream] = not payload.endswith(b"\n")
+        for stream, out in files.items():
+            out.close()
+            os.replace(temps.pop(stream), dests[stream])
+    finally:
+        for out in files.values():
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+                out.close()
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _read_harvested(
+    path: str, since: datetime | None, until: datetime | None
+) -> Iterator[tuple[bytes, bytes]]:
+    low, high = _docker_time(since), _docker_time(until)
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                ts, _, text = raw.partition(b" ")
+                if low is not None and ts < low:
+                    continue
+                if high is not None and ts > high:
+                    break
+                yield ts, text
+    except FileNotFoundError:  # this stream never wrote a line
+        return
+
+
+def _harvested_lines(paths: Sequence[str], since: datetime | None, until: datetime | None) -> Iterator[bytes]:
+    streams = [_read_harvested(p, since, until) for p in paths]
+    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
+        yield text
+
+
+# ---------------------------------------------------------------------------
 # Docker adapter
 # ---------------------------------------------------------------------------
+
+
+class DockerUnavailableError(RuntimeError):
+    """The Docker daemon did not answer at the endpoint in use."""
+
+
+def _docker_endpoint() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def _unavailable(cause: BaseException) -> DockerUnavailableError:
+    return DockerUnavailableError(
+        f"cannot reach the Docker daemon at {_docker_endpoint()} ({cause}); "
+        "start it (e.g. `dockerd` or `systemctl start docker`) or point DOCKER_HOST at one that runs"
+    )
+
+
+@contextlib.contextmanager
+def _reaching_docker() -> Iterator[None]:
+    """Turns a connection failure into one error that names the endpoint."""
+    try:
+        yield
+    except requests.exceptions.ConnectionError as e:
+        raise _unavailable(e) from e
+
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -1311,6 +1499,15 @@ class _Docker:
                 log.info("pulling %s: %s", image, progress)
         log.info("pulled image %s", image)
 
+    def lines(
+        self, name: str, streams: Sequence[str], since: datetime | None, until: datetime | None, follow: bool
+    ) -> Iterator[bytes]:
+        """A container's log lines, live: the request is made here, the body read as the lines are."""
+        with _reaching_docker():
+            times = {"since": _epoch(since), "until": _epoch(until)}
+            response = self.logs(name, streams, timestamps=False, follow=follow, **times)
+        return _whole_lines(payload for _, payload in _frames(response.iter_content(_READ_SIZE)))
+
     def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
         """One ``GET /containers/<name>/logs`` for ``streams``, its body left to read.
 
@@ -1332,174 +1529,8 @@ class _Docker:
 
 
 # ---------------------------------------------------------------------------
-# Log directory and harvest
+# Log directory
 # ---------------------------------------------------------------------------
-# A harvested log is what `docker logs --timestamps` prints for one stream:
-# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
-# so since/until compare as bytes and two streams merge in time order.
-
-# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
-# fraction (or prints none) and may print an offset.
-_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
-
-
-def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
-    """A leading RFC 3339 timestamp: UTC date and time to the second, 9 fraction digits, its length."""
-    match = _TIMESTAMP.match(text)
-    if match is None:
-        return None
-    base, fraction, zone = match.groups()
-    if zone != b"Z":
-        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
-        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
-    return base, (fraction or b"").ljust(9, b"0"), match.end()
-
-
-def _fixed_stamp(line: bytes) -> bytes:
-    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
-    if line[19:20] == b"." and line[29:31] == b"Z ":
-        return line  # dockerd's own
-    parsed = _parse_timestamp(line)
-    if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
-        return line
-    base, fraction, end = parsed
-    return b"%s.%sZ%s" % (base, fraction, line[end:])
-
-
-def _finished_at(stamp: Any) -> float:
-    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
-    parsed = _parse_timestamp(str(stamp).encode())
-    if parsed is None:
-        return time.time()
-    base, fraction, _ = parsed
-    finished = (
-        datetime.fromisoformat(base.decode()).replace(tzinfo=timezone.utc).timestamp() + int(fraction) / 1e9
-    )
-    return finished if finished > 0 else time.time()
-
-
-def _epoch(dt: datetime | None) -> float | None:
-    """``dt`` as Docker's API takes it (naive datetimes are UTC), or None when it filters nothing."""
-    if dt is None:
-        return None
-    seconds = _as_utc(dt).timestamp()
-    return seconds if seconds > 0 else None
-
-
-def _as_utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
-
-
-def _docker_time(dt: datetime | None) -> bytes | None:
-    """``dt`` as Docker prints log timestamps, or None when it filters nothing."""
-    if dt is None or _epoch(dt) is None:
-        return None
-    return _as_utc(dt).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
-
-
-# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
-# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
-_FRAME_HEADER = struct.Struct(">BxxxL")
-_STDOUT, _STDERR = 1, 2
-_READ_SIZE = 1 << 20
-
-
-def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(stream id, payload) for each frame of a log body read in blocks of any size.
-
-    A raw (TTY) body has no frames: each of its lines comes out as one stdout payload.
-    """
-    blocks = iter(blocks)
-    head = b""
-    for block in blocks:  # a frame header is 8 bytes: decide on no less
-        head += block
-        if len(head) >= _FRAME_HEADER.size:
-            break
-    rest = itertools.chain([head], blocks)
-    if head[:1] in (b"\0", b"\1", b"\2") and head[1:4] == b"\0\0\0" and len(head) >= _FRAME_HEADER.size:
-        yield from _demultiplexed(rest)
-    else:
-        yield from ((_STDOUT, line) for line in _whole_lines(rest))
-
-
-def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    data, pos = b"", 0
-    for block in blocks:
-        data = data[pos:] + block if pos < len(data) else block
-        pos, size = 0, len(data)
-        while pos + 8 <= size:
-            stream, length = _FRAME_HEADER.unpack_from(data, pos)
-            end = pos + 8 + length
-            if end > size:
-                break
-            yield stream, data[pos + 8 : end]
-            pos = end
-
-
-def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        if b"\n" not in chunk:
-            continue
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if pending:
-        yield pending
-
-
-def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]) -> None:
-    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all."""
-    files: dict[int, Any] = {}
-    temps: dict[int, str] = {}
-    try:
-        for stream, dest in dests.items():
-            fd, temps[stream] = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
-            files[stream] = os.fdopen(fd, "wb", buffering=_READ_SIZE)
-        continued = dict.fromkeys(dests, False)
-        for stream, payload in frames:
-            out = files.get(stream)
-            if out is None:
-                continue
-            # A line Docker split into frames keeps its first timestamp only.
-            payload = payload.partition(b" ")[2] if continued[stream] else _fixed_stamp(payload)
-            out.write(payload)
-            continued[stream] = not payload.endswith(b"\n")
-        for stream, out in files.items():
-            out.close()
-            os.replace(temps.pop(stream), dests[stream])
-    finally:
-        for out in files.values():
-            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
-                out.close()
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _read_harvested(
-    path: str, since: datetime | None, until: datetime | None
-) -> Iterator[tuple[bytes, bytes]]:
-    low, high = _docker_time(since), _docker_time(until)
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                ts, _, text = raw.partition(b" ")
-                if low is not None and ts < low:
-                    continue
-                if high is not None and ts > high:
-                    break
-                yield ts, text
-    except FileNotFoundError:  # this stream never wrote a line
-        return
-
-
-def _harvested_lines(paths: Sequence[str], since: datetime | None, until: datetime | None) -> Iterator[bytes]:
-    streams = [_read_harvested(p, since, until) for p in paths]
-    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
-        yield text
 
 
 def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
@@ -2087,10 +2118,7 @@ class PersistentDockerScheduler(DockerScheduler):
         """Live from Docker unless the logs are recorded; from the log directory once they are."""
         if rep.logs != "recorded":
             try:
-                with _reaching_docker():
-                    times = {"since": _epoch(since), "until": _epoch(until)}
-                    response = self._docker.logs(rep.name, wanted, timestamps=False, follow=follow, **times)
-                return _whole_lines(payload for _, payload in _frames(response.iter_content(_READ_SIZE)))
+                return self._docker.lines(rep.name, wanted, since, until, follow)
             except NotFound:  # the container went away: maybe another process harvested it first
                 rep = self._refreshed(app_id, rep)
             except docker.errors.APIError as e:  # e.g. a logging driver Docker cannot read back
@@ -2108,16 +2136,7 @@ class PersistentDockerScheduler(DockerScheduler):
             if unrecorded is None:
                 raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
             record = unrecorded[0]
-        roles = {r.name: r.num_replicas for r in record.roles}
-        if role_name not in roles:
-            raise ValueError(f"app {app_id!r} has no role {role_name!r}; its roles are {sorted(roles)}")
-        for rep in record.replicas:
-            if rep.role == role_name and rep.id == k:
-                return rep
-        raise ValueError(
-            f"role {role_name!r} of app {app_id!r} has no replica {k}; "
-            f"valid replica indices are 0 to {roles[role_name] - 1}"
-        )
+        return _replica(record, role_name, k)
 
     def _refreshed(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
         """``rep`` as recorded after looking at the app's containers again."""
@@ -2232,9 +2251,7 @@ class PersistentDockerScheduler(DockerScheduler):
         if not record.settled:
             self._cancel_existing(app_id)
             record = self._store.get(app_id) or record
-        done = [
-            r.name for r in record.replicas if r.vanished or (r.exit_code is not None and r.logs != "retry")
-        ]
+        done = [r.name for r in record.replicas if r.final and not r.logs_pending]
         kept = [r.name for r in record.replicas if r.name not in done]
         if kept:
             log.warning("close: keeping containers %s: their logs could not be recorded", kept)
