@@ -434,7 +434,16 @@ class RoleRecord:
         return cls(role.name, role.image, role.entrypoint, args, env, role.num_replicas, role.max_retries)
 
     def to_role(self) -> Role:
-        return Role(**{**dataclasses.asdict(self), "args": list(self.args), "env": dict(self.env)})
+        args, env = list(self.args), dict(self.env)
+        return Role(
+            self.name,
+            self.image,
+            entrypoint=self.entrypoint,
+            args=args,
+            env=env,
+            num_replicas=self.num_replicas,
+            max_retries=self.max_retries,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
