@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import textwrap
 import time
@@ -39,7 +41,6 @@ import docker
 import pytest
 from docker.errors import DockerException, NotFound
 from torchx import specs
-from torchx.schedulers import get_scheduler_factories
 from torchx.schedulers.api import Scheduler, Stream
 from torchx.schedulers.docker_scheduler import LABEL_APP_ID
 from torchx.specs import AppState
@@ -1316,16 +1317,160 @@ def test_readme_runner_example_works_from_a_copied_file(
         remove_session_containers(client, session)
 
 
-def test_entry_points_keep_torchx_builtins() -> None:
-    factories = get_scheduler_factories()
-    assert {"local_docker", "local_cwd", "kubernetes", "slurm", "local_docker_persistent"} <= set(factories)
-
-
 def _torchx(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("torchx")
     return subprocess.run(
         [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# -- registration, as a user who installs the package gets it
+
+TORCHX_MAIN = importlib.util.find_spec("torchx.plugins") is not None
+PACKAGE_FILES = [
+    "setup.py",
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "docker_scheduler.py",
+    "torchx_plugins",
+]
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """Environments for torchx: the package as a built wheel (its directory first on PYTHONPATH,
+    so it hides the checkout's editable install), and torchx as it is without the package."""
+    root = tmp_path_factory.mktemp("package")
+    source = root / "source"
+    source.mkdir()
+    for name in PACKAGE_FILES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "-q"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(root), str(source)], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = root.glob("*.whl")
+    site = root / "site"
+    done = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    # Without the package: on torchx 0.7 a distribution of the same name without entry points, found
+    # first, hides the editable install's; torchx main is asked for no plugins at all.
+    bare = root / "bare" / "docker_scheduler-0.0.0.dist-info"
+    bare.mkdir(parents=True)
+    (bare / "METADATA").write_text("Metadata-Version: 2.1\nName: docker_scheduler\nVersion: 0.0.0\n")
+    without = {"TORCHX_PLUGINS_SOURCE": "0"} if TORCHX_MAIN else {"PYTHONPATH": str(bare.parent)}
+    return {"with": {**os.environ, "PYTHONPATH": str(site)}, "without": {**os.environ, **without}}
+
+
+REGISTRATION = """
+import json, docker_scheduler
+from importlib import metadata
+from torchx.schedulers import get_default_scheduler_name, get_scheduler_factories
+entry_points = {ep.name: ep.value for ep in metadata.distribution("docker_scheduler").entry_points}
+try:
+    from torchx import plugins
+    errors = [str(e) for e in plugins.registry().load_errors()]
+except ImportError:
+    errors = []
+print(json.dumps({"names": list(get_scheduler_factories()), "default": get_default_scheduler_name(),
+                  "entry_points": entry_points, "errors": errors, "module": docker_scheduler.__file__}))
+"""
+
+
+def _registration(env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    run = subprocess.run(
+        [sys.executable, "-c", REGISTRATION], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_installing_adds_one_scheduler_and_leaves_torchx_as_it_was(
+    installed: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    from torchx.schedulers import DEFAULT_SCHEDULER_MODULES
+
+    before, after = (_registration(installed[k], tmp_path) for k in ("without", "with"))
+    assert before["names"] == list(DEFAULT_SCHEDULER_MODULES) and before["default"] == "local_docker"
+    assert after["module"].startswith(installed["with"]["PYTHONPATH"])  # the wheel, not the checkout
+    assert after["errors"] == []
+    if TORCHX_MAIN:  # registered in torchx_plugins.schedulers; torchx main lists plugins first
+        assert after["names"] == ["local_docker_persistent", *before["names"]]
+        assert after["default"] == "local_docker_persistent" and after["entry_points"] == {}
+    else:  # torchx's own schedulers registered again, in its order, beside ours
+        assert after["names"] == [*before["names"], "local_docker_persistent"]
+        assert after["default"] == "local_docker"
+        assert after["entry_points"] == {
+            **{name: f"{module}:create_scheduler" for name, module in DEFAULT_SCHEDULER_MODULES.items()},
+            "local_docker_persistent": "docker_scheduler:create_scheduler",
+        }
+
+
+def test_torchx_cli_with_no_scheduler_works_as_it_did(
+    installed: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    dryrun = _torchx(
+        "run", "--dryrun", "--workspace", "", "utils.echo", "--msg", "hi", cwd=tmp_path, env=installed["with"]
+    )
+    assert dryrun.returncode == 0, dryrun.stderr
+    shown = {k: _torchx("runopts", cwd=tmp_path, env=env) for k, env in installed.items()}
+    assert shown["with"].returncode == shown["without"].returncode
+    headers = {k: re.findall(r"^(\w+):", run.stdout, re.M) for k, run in shown.items()}
+    added = ["local_docker_persistent"] if "local_docker_persistent" in headers["with"] else []
+    if TORCHX_MAIN:
+        assert headers["with"] == [*added, *headers["without"]] and added
+    else:  # torchx 0.7 itself stops at a scheduler whose extra is not installed, before ours
+        assert headers["with"] == [*headers["without"], *added]
+    assert "No module named 'torchx.schedulers" not in shown["with"].stdout + shown["with"].stderr
+
+
+@pytest.mark.skipif(not TORCHX_MAIN, reason="torchx 0.7 has no plugin namespace; it reads entry points only")
+def test_torchx_main_finds_it_in_the_plugin_namespace_alone(
+    installed: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    seen = _registration({**installed["with"], "TORCHX_PLUGINS_SOURCE": "1"}, tmp_path)
+    assert "local_docker_persistent" in seen["names"] and seen["errors"] == []
+    state = str(tmp_path / "state")
+    code = "from torchx.schedulers import get_scheduler_factories as f\n"
+    code += f"print(type(f()['local_docker_persistent']('s', state_dir={state!r})).__name__)"
+    env = {**installed["with"], "TORCHX_PLUGINS_SOURCE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert run.stdout.strip() == "PersistentDockerScheduler", run.stderr
+
+
+@pytest.mark.skipif(
+    not TORCHX_MAIN, reason="torchx 0.7 has no plugin namespace: the README says why a Runner is the way"
+)
+def test_readme_plugin_module_registers_a_copied_file(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "torchx_plugins" / "schedulers").mkdir(parents=True)
+    shutil.copy(ROOT / "docker_scheduler.py", project / "docker_scheduler.py")
+    module = _readme_blocks("**A copied file.**", 1)
+    (project / "torchx_plugins" / "schedulers" / "local_docker_persistent.py").write_text(module)
+    code = textwrap.dedent(
+        f"""
+        import json, docker_scheduler
+        from torchx.schedulers import get_scheduler_factories
+        factory = get_scheduler_factories()["local_docker_persistent"]
+        scheduler = factory("s", state_dir={str(tmp_path / "s")!r})
+        print(json.dumps([type(scheduler).__name__, docker_scheduler.__file__]))
+        """
+    )
+    # -S: no .pth files, so the checkout's editable install is not on the path; the copy is.
+    path = os.pathsep.join([str(project), sysconfig.get_paths()["purelib"]])
+    env = {**os.environ, "PYTHONPATH": path, "TORCHX_PLUGINS_SOURCE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == ["PersistentDockerScheduler", str(project / "docker_scheduler.py")]
 
 
 def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str, tmp_path: Path) -> None:
