@@ -1,4 +1,4 @@
-"""Registers ``local_docker_persistent`` with torchx main's plugin discovery (torchx 0.7 reads entry points)."""
+"""Registers ``local_docker_persistent`` with torchx main's plugin discovery (0.7 reads entry points)."""
 
 from torchx.plugins import register
 
