@@ -52,6 +52,7 @@ import heapq
 import io
 import itertools
 import logging
+import math
 import os
 import pickle
 import re
@@ -96,6 +97,7 @@ from torchx.specs.api import (
     ReplicaStatus,
     Role,
     RoleStatus,
+    is_terminal,
     runopts,
 )
 
@@ -216,6 +218,13 @@ class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
         "ulimits=memlock:-1,stack:67108864",
     )
 
+    stop_timeout: int = _option(
+        STOP_TIMEOUT,
+        int,
+        "seconds each container gets between SIGTERM and SIGKILL when cancel, delete, close or prune "
+        "stop it, as `docker run --stop-timeout`; Docker's default is 10. Recorded with the app",
+    )
+
     @classmethod
     def get_docstrings(cls) -> dict[str, str]:
         # torchx main takes help from attribute docstrings; ours sits in each field's metadata.
@@ -302,6 +311,18 @@ def _ulimit(entry: str) -> docker.types.Ulimit:
     return docker.types.Ulimit(name=name, soft=soft, hard=hard)
 
 
+def _stop_timeout(cfg: Mapping[str, Any]) -> int:
+    value = cfg.get("stop_timeout")
+    if value is None:
+        return STOP_TIMEOUT
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"stop_timeout={value!r} is not a whole number of seconds, 0 or more: e.g. stop_timeout=30 "
+            f"(Docker's default is {STOP_TIMEOUT})"
+        )
+    return value
+
+
 def _container_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``docker create`` kwargs that shm_size, ipc_mode and ulimits ask for, checked first.
 
@@ -384,11 +405,13 @@ def _from_plain(cls: type[_Record], data: Any) -> _Record:
     """A record of ``cls`` from its plain dict, each field checked against its annotation."""
     if not isinstance(data, dict):
         raise _CorruptSession(f"{cls.__name__} is {type(data).__name__}, not a dict")
-    hints = typing.get_type_hints(cls)
-    try:
-        return cls(**{f.name: _checked(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
-    except KeyError as e:
-        raise _CorruptSession(f"{cls.__name__} has no field {e}") from e
+    hints, values = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            values[f.name] = _checked(hints[f.name], data[f.name])
+        elif f.default is dataclasses.MISSING:  # a field added later has a default; others must be there
+            raise _CorruptSession(f"{cls.__name__} has no field {f.name!r}")
+    return cls(**values)
 
 
 def _checked(hint: Any, value: Any) -> Any:
@@ -509,6 +532,8 @@ class AppRecord:
     cancelled: bool = False
     #: why schedule() could not start the app (which then reads FAILED)
     start_error: str = ""
+    #: seconds between SIGTERM and SIGKILL when its containers are stopped
+    stop_timeout: int = STOP_TIMEOUT
 
     @property
     def settled(self) -> bool:
@@ -609,7 +634,7 @@ def _container_kwargs(plain: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _record_from_job(job: DockerJob, app: AppDef | None, remove_on_exit: bool) -> AppRecord:
+def _record_from_job(job: DockerJob, app: AppDef | None, cfg: Mapping[str, Any]) -> AppRecord:
     """The record schedule() writes before it creates anything: starting, no end seen."""
     replicas = []
     for c in job.containers:
@@ -623,7 +648,16 @@ def _record_from_job(job: DockerJob, app: AppDef | None, remove_on_exit: bool) -
         roles = _roles_from_replicas(
             replicas, {c.kwargs["name"]: (c.image, c.command) for c in job.containers}
         )
-    return AppRecord(job.app_id, time.time(), roles, tuple(replicas), remove_on_exit, starting=True)
+    remove_on_exit, stop_timeout = bool(cfg.get("remove_on_exit", False)), _stop_timeout(cfg)
+    return AppRecord(
+        job.app_id,
+        time.time(),
+        roles,
+        tuple(replicas),
+        remove_on_exit,
+        starting=True,
+        stop_timeout=stop_timeout,
+    )
 
 
 def _roles_from_replicas(
@@ -830,15 +864,36 @@ def _check_private(path: str, st: os.stat_result) -> None:
         )
 
 
-def _resolve_state_dir(state_dir: str | None) -> str:
-    base = state_dir or os.environ.get(STATE_DIR_ENV)
-    if not base:
-        xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-        base = os.path.join(xdg, "docker_scheduler")
-    path = os.path.abspath(os.path.expanduser(base))
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    _check_private(path, os.stat(path))
-    return path
+def _chosen_state_dir(state_dir: str | None) -> tuple[str, str]:
+    """The state directory, and which setting chose it."""
+    if state_dir:
+        return os.path.abspath(os.path.expanduser(state_dir)), "the state_dir argument"
+    if os.environ.get(STATE_DIR_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[STATE_DIR_ENV])), STATE_DIR_ENV
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.abspath(
+        os.path.join(xdg, "docker_scheduler")
+    ), "the default, ${XDG_STATE_HOME:-~/.local/state}"
+
+
+def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OSError:
+    """``error`` restated: what failed, on which path, which setting chose it, and what to do."""
+    return type(error)(
+        error.errno,
+        f"cannot {what} ({error.strerror}); the state directory {path} comes from {chosen_by}: "
+        f"free space there or make it writable, or point state_dir or {STATE_DIR_ENV} at another directory",
+    )
+
+
+def _resolve_state_dir(state_dir: str | None) -> tuple[str, str]:
+    path, chosen_by = _chosen_state_dir(state_dir)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise _state_dir_error(e, path, chosen_by, f"create {path}") from e
+    _check_private(path, st)
+    return path, chosen_by
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -1458,6 +1513,20 @@ class _Docker:
         with _reaching_docker():
             _fan_out(one, names)
 
+    def events(self, labels: Mapping[str, str], since: int, until: int | None) -> Iterator[dict[str, Any]]:
+        """Docker's events for containers that carry all of ``labels``, from ``since`` (epoch
+        seconds, so that nothing between a look and this call is missed) until ``until``, or on."""
+        wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
+        with _reaching_docker():
+            stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
+        with contextlib.closing(stream), _reaching_docker():
+            yield from stream
+
+    def wait_stopped(self, name: str, timeout: float | None) -> None:
+        """Returns once the container is not running (or gone), or after ``timeout`` seconds."""
+        with contextlib.suppress(NotFound, requests.exceptions.RequestException), _reaching_docker():
+            self.client.api.wait(name, timeout=timeout)
+
     def prepare(self, images: Iterable[str], policy: str) -> None:
         """Makes every image available as ``policy`` says, and torchx's network."""
         with _reaching_docker():
@@ -1820,7 +1889,7 @@ class PersistentDockerScheduler(DockerScheduler):
         _check_session_name(session_name)
         super().__init__(session_name)
         self.detach = detach
-        self.state_dir: str = _resolve_state_dir(state_dir)
+        self.state_dir, self._state_dir_source = _resolve_state_dir(state_dir)
         self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
         self._logs = _LogDir(self.state_dir, session_name)
         self._docker = _Docker()
@@ -1854,6 +1923,7 @@ class PersistentDockerScheduler(DockerScheduler):
     def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> _DryRun:
         _validate_app(app)
         _image_pull(cfg)
+        _stop_timeout(cfg)
         options = _container_options(cfg)
         info = super()._submit_dryrun(app, cast(Any, cfg))
         job = info.request
@@ -1879,7 +1949,7 @@ class PersistentDockerScheduler(DockerScheduler):
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
-        record = _record_from_job(job, app, remove_on_exit=bool(cfg.get("remove_on_exit", False)))
+        record = _record_from_job(job, app, cfg)
         self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
         try:
             start_lock = self._logs.lock_start(job.app_id)
@@ -1899,10 +1969,8 @@ class PersistentDockerScheduler(DockerScheduler):
         return job.app_id
 
     def _nothing_started(self, error: OSError, what: str) -> OSError:
-        return type(error)(
-            error.errno,
-            f"cannot {what} ({error.strerror}), so nothing was started: free space in {self.state_dir}, "
-            "make it writable, or pass another state_dir",
+        return _state_dir_error(
+            error, self.state_dir, self._state_dir_source, f"{what}, so nothing was started"
         )
 
     def _record_start_failure(self, record: AppRecord, reason: str, error: BaseException) -> None:
@@ -2022,7 +2090,17 @@ class PersistentDockerScheduler(DockerScheduler):
         record = self._store.get(app_id)
         if record is None:
             unrecorded = self._unrecorded(app_id)
-            return None if unrecorded is None else _describe_record(*unrecorded)
+            if unrecorded is None:
+                _warn_once(
+                    self._warned,
+                    (app_id, "unknown"),
+                    "session %s in %s has no app %s, and no container carries it",
+                    self.session_name,
+                    self.state_dir,
+                    app_id,
+                )
+                return None
+            return _describe_record(*unrecorded)
         live: dict[str, AppState] = {}
         if not record.settled:
             record, live = self._reconciled(record)
@@ -2045,6 +2123,43 @@ class PersistentDockerScheduler(DockerScheduler):
         if record is None:
             return None
         return AppDryRunInfo(_job_from_record(record), repr)
+
+    def wait(self, app_id: str, timeout: float | None = None) -> DescribeAppResponse | None:
+        """Blocks until ``app_id`` is in a terminal state, and returns :py:meth:`describe`'s answer.
+
+        It listens to Docker's events for the app's containers and looks again at
+        each, rather than polling; it works for apps another process scheduled.
+        Returns ``None`` at once for an app id nobody knows.
+
+        Raises:
+            TimeoutError: when ``timeout`` seconds pass first; it names the app and its state.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        since = int(time.time())  # before the look, so no event after it is missed
+        desc = self.describe(app_id)
+        seen: set[tuple[Any, ...]] = set()
+        while desc is not None and not is_terminal(desc.state):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"app {app_id} is still {desc.state.name} after {timeout} s")
+            until = None if remaining is None else math.ceil(time.time() + remaining)
+            event = self._next_event(app_id, since, until, seen)
+            if event is not None and (event.get("Action") or event.get("status")) in ("die", "died"):
+                # Docker tells of a death before the container's state says it ended.
+                self._docker.wait_stopped(str(event.get("id")), remaining)
+            desc = self.describe(app_id)
+        return desc
+
+    def _next_event(
+        self, app_id: str, since: int, until: int | None, seen: set[tuple[Any, ...]]
+    ) -> dict[str, Any] | None:
+        """The next event of the app's containers not seen yet, or None once ``until`` passed."""
+        for event in self._docker.events({**self._session_labels, LABEL_APP_ID: app_id}, since, until):
+            key = (event.get("id"), event.get("timeNano"), event.get("Action") or event.get("status"))
+            if key not in seen:  # events since ``since`` are replayed at every call: act on new ones only
+                seen.add(key)
+                return event
+        return None
 
     def list(self, cfg: Mapping[str, Any] | None = None) -> builtins.list[ListAppResponse]:
         """This session's apps with their states, oldest first.
@@ -2183,7 +2298,14 @@ class PersistentDockerScheduler(DockerScheduler):
             if not record.start_error and not any(r.failed for r in record.replicas):
                 record = dataclasses.replace(record, cancelled=True)  # one that already failed stays FAILED
             apps[app_id] = record
-        self._docker.stop([r.name for r in record.replicas if not r.final])
+        names = [r.name for r in record.replicas if not r.final]
+        log.info(
+            "cancel: stopping app %s (%s): SIGTERM, then SIGKILL after %d s for any still running",
+            app_id,
+            ", ".join(names),
+            record.stop_timeout,
+        )
+        self._docker.stop(names, record.stop_timeout)
         self._reconciled(record)
 
     def delete(self, app_id: str) -> None:
@@ -2202,9 +2324,10 @@ class PersistentDockerScheduler(DockerScheduler):
                 "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
             )
             return
-        self._docker.stop(
-            [_container_name(c) for c in containers if c["State"] not in _ENDED | {"created", "configured"}]
-        )
+        running = [
+            _container_name(c) for c in containers if c["State"] not in _ENDED | {"created", "configured"}
+        ]
+        self._docker.stop(running, recorded.stop_timeout if recorded else STOP_TIMEOUT)
         self._docker.remove([_container_name(c) for c in containers])
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
