@@ -260,6 +260,29 @@ def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch:
     assert scheduler.session_file == str(tmp_path / "arg" / "s.pickle")
 
 
+@pytest.mark.parametrize("chosen_by", ["argument", "env", "xdg"])
+def test_a_state_dir_that_cannot_be_made_names_the_path_and_the_setting(
+    chosen_by: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.delenv("DOCKER_SCHEDULER_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocker / "xdg"))
+    kwargs = {"state_dir": str(blocker / "arg")} if chosen_by == "argument" else {}
+    if chosen_by == "env":
+        monkeypatch.setenv("DOCKER_SCHEDULER_STATE_DIR", str(blocker / "env"))
+    path, setting = {
+        "argument": (blocker / "arg", "the state_dir argument"),
+        "env": (blocker / "env", "DOCKER_SCHEDULER_STATE_DIR"),
+        "xdg": (blocker / "xdg" / "docker_scheduler", "${XDG_STATE_HOME:-~/.local/state}"),
+    }[chosen_by]
+    with pytest.raises(OSError) as raised:
+        PersistentDockerScheduler("s", **kwargs)
+    message = str(raised.value)
+    assert f"the state directory {path} comes from" in message and setting in message
+    assert "Not a directory" in message and "point state_dir or DOCKER_SCHEDULER_STATE_DIR" in message
+
+
 # ---------------------------------------------------------------------------
 # Records (pure: no daemon)
 # ---------------------------------------------------------------------------
@@ -452,8 +475,18 @@ def test_restricted_unpickler_refuses_a_crafted_pickle(
 # ---------------------------------------------------------------------------
 
 
-def test_describe_unknown_app_is_none(make: Callable[..., PersistentDockerScheduler]) -> None:
-    assert make().describe("never-scheduled-0000") is None
+def test_describe_unknown_app_is_none_and_says_so_once(
+    make: Callable[..., PersistentDockerScheduler], caplog: pytest.LogCaptureFixture
+) -> None:
+    scheduler = make()
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert scheduler.describe("never-scheduled-0000") is None
+        assert scheduler.describe("never-scheduled-0000") is None  # torchx's CLI asks every second
+    said = [r.getMessage() for r in caplog.records if "never-scheduled-0000" in r.getMessage()]
+    assert said == [
+        f"session {scheduler.session_name} in {scheduler.state_dir} has no app never-scheduled-0000, "
+        "and no container carries it"
+    ]
 
 
 def test_multi_role_mixed_states_fail_and_keep_roles_as_submitted(
@@ -770,6 +803,80 @@ def test_cancel_of_a_failed_app_stops_the_rest_and_keeps_failed(
         not c.attrs["State"]["Running"]
         for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
     )
+
+
+# Ignores SIGTERM, so only SIGKILL stops it.
+STUBBORN = "trap '' TERM; while true; do sleep 1; done"
+
+
+def test_stop_timeout_sets_the_grace_before_sigkill_and_is_recorded(
+    make: Callable[..., PersistentDockerScheduler], caplog: pytest.LogCaptureFixture
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", STUBBORN, replicas=2), stop_timeout=1)
+    wait_for(scheduler, app_id, (AppState.RUNNING,))
+    assert make(session=scheduler.session_name)._store.get(app_id).stop_timeout == 1
+    with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+        scheduler.cancel(app_id)
+    assert f"cancel: stopping app {app_id} ({app_id}-r-0, {app_id}-r-1): SIGTERM, then SIGKILL after 1 s" in (
+        caplog.text
+    )
+    desc = scheduler.describe(app_id)
+    assert desc.state == AppState.CANCELLED and "was stopped with code 137" in desc.msg  # SIGKILL
+
+
+@pytest.mark.parametrize("value", [-1, True, 2.5, "soon"])
+def test_a_bad_stop_timeout_is_refused_before_anything_is_created(
+    value: Any, make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    from torchx.specs.api import InvalidRunConfigException
+
+    scheduler = make()
+    if isinstance(value, int):  # the right type, the wrong value: ours
+        with pytest.raises(ValueError, match=rf"stop_timeout={value!r} is not a whole number of seconds, 0"):
+            submit(scheduler, role("r", "true"), stop_timeout=value)
+    else:  # torchx checks every option's type first, naming it
+        with pytest.raises(InvalidRunConfigException, match="Run option: stop_timeout, must be of type: int"):
+            submit(scheduler, role("r", "true"), stop_timeout=value)
+    assert_nothing_created(client, scheduler)
+
+
+def test_wait_blocks_until_the_app_ends_and_returns_its_description(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
+    scheduler = make()
+    failed = submit(scheduler, role("ok", "sleep 1"), role("bad", "sleep 1; exit 3"))
+    desc = scheduler.wait(failed, timeout=60)
+    assert desc.state == AppState.FAILED and "bad/0 exited with code 3" in desc.msg
+    retried = submit(scheduler, role("r", "sleep 0.3; exit 1", max_retries=2))
+    desc = scheduler.wait(retried, timeout=60)  # not fooled by the ends between retries
+    assert (desc.state, desc.num_restarts) == (AppState.FAILED, 2)
+    assert scheduler.wait("never-scheduled-0000", timeout=60) is None
+
+
+def test_wait_raises_timeout_error_naming_the_app_and_its_state(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
+    scheduler = make()
+    app_id = start_long(scheduler)
+    with pytest.raises(TimeoutError, match=rf"app {app_id} is still RUNNING after 0.5 s"):
+        scheduler.wait(app_id, timeout=0.5)
+
+
+def test_wait_works_across_processes(make: Callable[..., PersistentDockerScheduler]) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "sleep 1; echo done"))
+    seen = run_python(
+        f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        desc = PersistentDockerScheduler({scheduler.session_name!r}).wait({app_id!r}, timeout=60)
+        print(json.dumps(desc.state.name))
+        """,
+        scheduler.state_dir,
+    )
+    assert seen == "SUCCEEDED"
+    assert list(scheduler.log_iter(app_id, "r")) == ["done\n"]
 
 
 def test_list_shows_this_session_only(make: Callable[..., PersistentDockerScheduler]) -> None:
@@ -1157,7 +1264,7 @@ def test_readme_training_example_runs_from_a_copied_file(
 ) -> None:
     session = f"train-{uuid.uuid4().hex[:8]}"
     shutil.copy(ROOT / "docker_scheduler.py", tmp_path / "docker_scheduler.py")
-    code = _readme_blocks("## Training with PyTorch", 1).replace('"training"', repr(session))
+    code = _readme_block("python", 5).replace('"training"', repr(session))
     (tmp_path / "train.py").write_text(code)
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
     try:
@@ -1284,37 +1391,139 @@ def test_create_scheduler_passes_state_dir_and_detach(tmp_path: Path) -> None:
     assert create_scheduler("f", state_dir=str(tmp_path / "s")).detach is True
 
 
-def _readme_blocks(after: str, count: int) -> str:
-    """The first ``count`` Python blocks of the README after the heading ``after``, joined."""
-    text = (ROOT / "README.md").read_text()
-    start, blocks = text.index(after), []
-    for _ in range(count):
-        start = text.index("```python\n", start) + len("```python\n")
-        blocks.append(text[start : text.index("```", start)])
-    return "".join(blocks)
+def _readme_block(kind: str, index: int) -> str:
+    """The README's ``index``-th (from 1) fenced block of ``kind`` (``python``, ``sh``)."""
+    blocks = re.findall(rf"^```{kind}\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    return blocks[index - 1]
 
 
-def test_readme_runner_example_works_from_a_copied_file(
-    client: docker.DockerClient, image: str, tmp_path: Path
+@pytest.mark.parametrize(
+    "index, session, expected",
+    [
+        (1, "demo", ["SUCCEEDED", "hello"]),  # a Runner, from a copied file
+        (2, "demo", ["hello"]),  # the scheduler directly: its first line is a state, then the log
+        (3, "smoke", None),  # the pytest smoke check
+        (6, "torchx", ["[]"]),  # prune, on an empty session
+    ],
+    ids=["runner", "direct", "pytest-smoke-check", "prune"],
+)
+def test_readme_python_blocks_run_each_on_its_own(
+    index: int,
+    session: str,
+    expected: list[str] | None,
+    client: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
 ) -> None:
-    session = f"readme-{uuid.uuid4().hex[:8]}"
+    unique = f"readme-{uuid.uuid4().hex[:8]}"  # so that clean-up touches this test's containers only
+    code = _readme_block("python", index).replace(f'"{session}"', repr(unique))
     shutil.copy(ROOT / "docker_scheduler.py", tmp_path / "docker_scheduler.py")
-    code = _readme_blocks("## Using it without installing", 2).replace('"demo"', repr(session))
-    (tmp_path / "example.py").write_text(
-        code
-        + "import docker_scheduler, os\nassert os.path.dirname(docker_scheduler.__file__) == os.getcwd()\n"
-    )
+    (tmp_path / "test_block.py").write_text(code)
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    command = (
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "test_block.py"]
+        if expected is None
+        else ["test_block.py"]
+    )
     try:
         run = subprocess.run(
-            [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
         )
-        assert run.returncode == 0, run.stderr
-        runner_state, runner_log, direct_state, direct_log = run.stdout.split()
-        assert (runner_state, runner_log, direct_log) == ("SUCCEEDED", "hello", "hello")
-        assert direct_state in ("SUBMITTED", "PENDING", "RUNNING", "SUCCEEDED")
+        assert run.returncode == 0, run.stdout + run.stderr
+        lines = run.stdout.split()
+        if expected is None:
+            assert "1 passed" in run.stdout
+        elif index == 2:
+            assert lines[0] in ("SUBMITTED", "PENDING", "RUNNING", "SUCCEEDED") and lines[1:] == expected
+        else:
+            assert lines == expected
     finally:
-        remove_session_containers(client, session)
+        remove_session_containers(client, unique)
+
+
+def test_readme_quick_start_commands_run_back_to_back(
+    client: docker.DockerClient, image: str, tmp_path: Path
+) -> None:
+    """The two Quick start commands, as written, in one shell, in a copy of the checkout; the second's
+    pytest only collects (PYTEST_ADDOPTS), since this suite is what it would run."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in [*PACKAGE_FILES, "test_docker_scheduler.py"]:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, clone / name)
+    script = f"set -e\ncd {shlex.quote(str(clone))}\n{_readme_block('sh', 1)}{_readme_block('sh', 2)}"
+    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env["PYTEST_ADDOPTS"] = "--collect-only -q -p no:cacheprovider"
+    images = {i.id for i in client.images.list()}
+    run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    handles = re.findall(r"local_docker_persistent://torchx/[\w.-]+", run.stdout)
+    try:
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "echo/0 hello" in run.stderr and handles, run.stderr[-3000:]
+        assert re.search(r"^\d+ tests collected", run.stdout, re.M), run.stdout[-2000:]
+    finally:
+        for handle in handles:
+            app_id = handle.rsplit("/", 1)[-1]
+            for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+                built = c.attrs["Image"]
+                c.remove(force=True)
+                if built not in images:  # the workspace image this run built, unless it was there before
+                    with contextlib.suppress(DockerException):
+                        client.images.remove(built)
+
+
+PODMAN_SOCKET = "/run/podman/podman.sock"
+PODMAN_DROP_IN = Path("/etc/containers/containers.conf.d/50-no-default-ulimits.conf")
+
+
+def test_readme_rootful_podman_lines_run_as_written(tmp_path: Path) -> None:
+    if os.getuid() != 0 or not shutil.which("podman"):
+        if CI:
+            pytest.fail("CI=true and no root or no podman: .ci/run installs podman and runs as root")
+        pytest.skip("runs Podman rootful, as the README's Engines section does: needs root and podman")
+    made = [p for p in (PODMAN_DROP_IN, Path("/run/podman")) if not p.exists()]
+    script = "set -e\n" + _readme_block("sh", 9) + _readme_block("sh", 7)
+    script += "for _ in $(seq 120); do docker version >/dev/null 2>&1 && break; sleep 0.5; done\necho ready\n"
+    # The service runs in the background of this shell's process group, which the test ends.
+    service = subprocess.Popen(
+        ["bash", "-c", script + "sleep 600"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    session = f"podman-{uuid.uuid4().hex[:8]}"
+    podman: docker.DockerClient | None = None
+    try:
+        assert service.stdout is not None and service.stdout.readline().strip() == "ready"
+        podman = docker.DockerClient(base_url=f"unix://{PODMAN_SOCKET}")
+        assert is_podman(podman)
+        provision_busybox(podman)
+        env = {**os.environ, "DOCKER_HOST": f"unix://{PODMAN_SOCKET}"}
+        seen = run_python(
+            f"""
+            import json
+            from torchx import specs
+            from docker_scheduler import PersistentDockerScheduler
+            s = PersistentDockerScheduler({session!r})
+            r = specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", "ulimit -n; echo podman"])
+            app_id = s.submit(specs.AppDef("p", roles=[r]), {{"image_pull": "missing"}})
+            desc = s.wait(app_id, timeout=60)
+            print(json.dumps([desc.state.name, list(s.log_iter(app_id, "r"))[-1]]))
+            """,
+            str(tmp_path / "state"),
+            env,
+        )
+        assert seen == ["SUCCEEDED", "podman\n"]
+    finally:
+        if podman is not None:
+            remove_session_containers(podman, session)
+            podman.close()
+        os.killpg(service.pid, signal.SIGTERM)
+        service.wait(timeout=60)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(PODMAN_SOCKET)
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.unlink() if path.is_file() else path.rmdir()
 
 
 def _torchx(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -1452,7 +1661,7 @@ def test_readme_plugin_module_registers_a_copied_file(tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "torchx_plugins" / "schedulers").mkdir(parents=True)
     shutil.copy(ROOT / "docker_scheduler.py", project / "docker_scheduler.py")
-    module = _readme_blocks("**A copied file.**", 1)
+    module = _readme_block("python", 4)
     (project / "torchx_plugins" / "schedulers" / "local_docker_persistent.py").write_text(module)
     code = textwrap.dedent(
         f"""
@@ -1596,6 +1805,7 @@ def test_runopts_show_every_option_with_its_help(tmp_path: Path) -> None:
         ("shm_size", "size of /dev/shm"),
         ("ipc_mode", "ipc namespace"),
         ("ulimits", "resource limits"),
+        ("stop_timeout", "between sigterm and sigkill"),
         ("image_repo", "image repository"),
         ("quiet", "suppress verbose"),
     ]:

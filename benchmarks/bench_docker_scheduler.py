@@ -353,6 +353,39 @@ class Bench:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def wait_true(self) -> list[Row]:
+        """submit() and wait() of an app running `true`, beside `docker run --rm` and torchx's Runner.wait."""
+        from torchx.runner import Runner
+
+        ours, limit, torchx = [], [], []
+        with Runner(self.session, scheduler_factories={"local_docker": lambda s, **_: self.torchx}) as runner:
+            for _ in range(self.runs):
+                start = time.perf_counter()
+                subprocess.run(["docker", "run", "--rm", self.image, "true"], check=True, capture_output=True)
+                limit.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                handle = runner.run(self.app("true"), scheduler="local_docker")
+                runner.wait(handle, wait_interval=1)
+                torchx.append(time.perf_counter() - start)
+                self.app_ids.append(handle.rsplit("/", 1)[-1])
+                start = time.perf_counter()
+                app_id = self.ours.submit(self.app("true"), {})
+                self.ours.wait(app_id, timeout=120)
+                ours.append(time.perf_counter() - start)
+                self.app_ids.append(app_id)
+        case = "submit, then wait until a `true` app ends"
+        return [
+            Row(case, "s", "(the limit)", torchx=limit, ours=ours, baseline="`docker run --rm busybox true`"),
+            Row(
+                case,
+                "s",
+                "(none)",
+                torchx=torchx,
+                ours=ours,
+                baseline="torchx `Runner.wait(wait_interval=1)`",
+            ),
+        ]
+
     def scale_1000(self) -> list[Row]:
         """schedule() overhead and describe() with 1,000 apps recorded (ours only)."""
         real = self.submit("ours", "true")
@@ -488,6 +521,7 @@ def main() -> None:
         "harvest_rss_1gb": bench.harvest_rss_1gb,
         "cli_echo": bench.cli_echo,
         "fresh_process": bench.fresh_process,
+        "wait_true": bench.wait_true,
     }
     try:
         for name, case in cases.items():
