@@ -48,6 +48,7 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import functools
 import heapq
 import io
 import itertools
@@ -63,6 +64,7 @@ import threading
 import time
 import types
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -122,6 +124,12 @@ def _warn_once(seen: set[tuple[str, str]], key: tuple[str, str], message: str, *
 
 #: Label that ties a container to its session, beside torchx's app/role/replica labels.
 LABEL_SESSION = "docker-scheduler/session"
+
+#: Label that ties a container to its state directory, by the identity kept in :py:data:`IDENTITY_FILE`.
+LABEL_STATE_DIR = "docker-scheduler/state-dir"
+
+#: The file in a state directory that holds its identity, apart from any session file.
+IDENTITY_FILE = "state_dir.id"
 
 #: Bumped whenever the session file's shape changes; older formats stay readable.
 FORMAT_VERSION = 3
@@ -414,6 +422,17 @@ def _from_plain(cls: type[_Record], data: Any) -> _Record:
     return cls(**values)
 
 
+def _to_plain(value: Any) -> Any:
+    """A record as builtin types: a dict of its fields, leaving out those at their defaults
+    (read back as such), which keeps a session file small."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ((f.name, getattr(value, f.name), f.default) for f in dataclasses.fields(value))
+        return {name: _to_plain(v) for name, v, default in fields if v is not default and v != default}
+    if isinstance(value, tuple):
+        return tuple(_to_plain(v) for v in value)
+    return value
+
+
 def _checked(hint: Any, value: Any) -> Any:
     """``value`` if it is of type ``hint`` (lists become tuples, dicts nested records); else raises."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -501,6 +520,8 @@ class ReplicaRecord:
     logs: LogStatus = "in_container"
     #: why the logs could not be recorded, while ``logs`` is "retry"
     log_error: str = ""
+    #: whether the recorded logs' timestamps are exact (dockerd's), not to the second (Podman's)
+    exact_stamps: bool = True
 
     @property
     def final(self) -> bool:
@@ -534,6 +555,9 @@ class AppRecord:
     start_error: str = ""
     #: seconds between SIGTERM and SIGKILL when its containers are stopped
     stop_timeout: int = STOP_TIMEOUT
+    #: the Docker endpoint and the daemon's ID it was scheduled on; empty in records made before
+    engine_endpoint: str = ""
+    engine_id: str = ""
 
     @property
     def settled(self) -> bool:
@@ -564,7 +588,8 @@ class AppRecord:
         return dataclasses.replace(self, replicas=replicas, starting=False)
 
     def to_plain(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        plain: dict[str, Any] = _to_plain(self)
+        return plain
 
 
 def _upgraded(plain: Any) -> dict[str, Any]:
@@ -817,7 +842,9 @@ def _problems(record: AppRecord) -> builtins.list[str]:
     return problems
 
 
-def _describe_record(record: AppRecord, live: Mapping[str, AppState]) -> DescribeAppResponse:
+def _describe_record(
+    record: AppRecord, live: Mapping[str, AppState], notes: Sequence[str] = ()
+) -> DescribeAppResponse:
     statuses = {r.name: RoleStatus(r.name, []) for r in record.roles}
     for rep in record.replicas:
         state = _replica_state(rep, live, record.cancelled)
@@ -827,7 +854,7 @@ def _describe_record(record: AppRecord, live: Mapping[str, AppState]) -> Describ
         app_id=record.app_id,
         state=_record_state(record, live),
         num_restarts=max((rep.restarts for rep in record.replicas), default=0),
-        msg="; ".join(_problems(record)),
+        msg="; ".join([*_problems(record), *notes]),
         roles=[r.to_role() for r in record.roles],
         roles_statuses=list(statuses.values()),
     )
@@ -894,6 +921,38 @@ def _resolve_state_dir(state_dir: str | None) -> tuple[str, str]:
         raise _state_dir_error(e, path, chosen_by, f"create {path}") from e
     _check_private(path, st)
     return path, chosen_by
+
+
+_IDENTITY = re.compile(r"[0-9a-f]{32}")
+
+
+def _state_dir_identity(path: str) -> str:
+    """The state directory's identity: read from :py:data:`IDENTITY_FILE`, made with it if missing.
+
+    A new one is written whole to a temporary file and linked into place, so
+    two processes that make it at once agree on the first one linked.
+    """
+    file = os.path.join(path, IDENTITY_FILE)
+    if not os.path.exists(file):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".state_dir.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(uuid.uuid4().hex + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, file)
+        finally:
+            os.unlink(tmp)
+    with open(file) as f:
+        identity = f.read().strip()
+    if not _IDENTITY.fullmatch(identity):
+        raise ValueError(
+            f"{file} does not hold a state directory identity (32 hex digits); it labels this state "
+            "directory's containers, so restore it, or remove it to start a new identity (containers "
+            "labelled with the old one are then no longer this directory's)"
+        )
+    return identity
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -1231,22 +1290,30 @@ def _finished_at(stamp: Any) -> float:
 
 
 def _epoch(dt: datetime | None) -> float | None:
-    """``dt`` as Docker's API takes it (naive datetimes are UTC), or None when it filters nothing."""
+    """``dt`` in epoch seconds, or None when it filters nothing. A naive datetime is local
+    time, as docker-py and torchx's ``local_docker`` take it."""
     if dt is None:
         return None
-    seconds = _as_utc(dt).timestamp()
+    seconds = dt.timestamp()
     return seconds if seconds > 0 else None
 
 
-def _as_utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
-
-
 def _docker_time(dt: datetime | None) -> bytes | None:
-    """``dt`` as Docker prints log timestamps, or None when it filters nothing."""
+    """``dt`` as dockerd prints log timestamps, or None when it filters nothing."""
     if dt is None or _epoch(dt) is None:
         return None
-    return _as_utc(dt).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+
+
+def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) -> bool:
+    """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``.
+
+    A stamp that is not ``exact`` (Podman's, to the whole second) stands for its
+    whole second, so the line is compared at that precision: one printed in the
+    second that holds ``low`` or ``high`` may lie inside, and is kept.
+    """
+    size = len(stamp) if exact else 19
+    return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
 
 
 # Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
@@ -1302,26 +1369,52 @@ def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]) -> None:
-    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all."""
+def _stamped_lines(
+    frames: Iterable[tuple[int, bytes]], since: datetime | None, until: datetime | None
+) -> Iterator[bytes]:
+    """The payloads of timestamped frames, stamps taken off, of the lines that may lie within
+    ``since`` and ``until`` (see :py:func:`_within`); a line split into frames is kept whole or not."""
+    low, high = _docker_time(since), _docker_time(until)
+    keep: dict[int, bool] = {}
+    continued: dict[int, bool] = {}
+    for stream, payload in frames:
+        raw, _, text = payload.partition(b" ")
+        if not continued.get(stream):
+            fixed = _fixed_stamp(raw + b" ")
+            keep[stream] = _within(fixed[:-1], fixed[:-1] == raw, low, high)
+        continued[stream] = not text.endswith(b"\n")
+        if keep[stream]:
+            yield text
+
+
+def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]) -> bool:
+    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all.
+
+    Returns whether every timestamp was dockerd's own, exact to the nanosecond.
+    """
     files: dict[int, Any] = {}
     temps: dict[int, str] = {}
     try:
         for stream, dest in dests.items():
             fd, temps[stream] = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
             files[stream] = os.fdopen(fd, "wb", buffering=_READ_SIZE)
-        continued = dict.fromkeys(dests, False)
+        continued, exact = dict.fromkeys(dests, False), True
         for stream, payload in frames:
             out = files.get(stream)
             if out is None:
                 continue
             # A line Docker split into frames keeps its first timestamp only.
-            payload = payload.partition(b" ")[2] if continued[stream] else _fixed_stamp(payload)
+            if continued[stream]:
+                payload = payload.partition(b" ")[2]
+            else:
+                fixed = _fixed_stamp(payload)
+                exact, payload = exact and fixed is payload, fixed
             out.write(payload)
             continued[stream] = not payload.endswith(b"\n")
         for stream, out in files.items():
             out.close()
             os.replace(temps.pop(stream), dests[stream])
+        return exact
     finally:
         for out in files.values():
             with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
@@ -1332,24 +1425,25 @@ def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]
 
 
 def _read_harvested(
-    path: str, since: datetime | None, until: datetime | None
+    path: str, since: datetime | None, until: datetime | None, exact: bool
 ) -> Iterator[tuple[bytes, bytes]]:
     low, high = _docker_time(since), _docker_time(until)
     try:
         with open(path, "rb") as f:
             for raw in f:
                 ts, _, text = raw.partition(b" ")
-                if low is not None and ts < low:
-                    continue
-                if high is not None and ts > high:
-                    break
-                yield ts, text
+                if _within(ts, exact, low, None):
+                    if not _within(ts, exact, None, high):
+                        break
+                    yield ts, text
     except FileNotFoundError:  # this stream never wrote a line
         return
 
 
-def _harvested_lines(paths: Sequence[str], since: datetime | None, until: datetime | None) -> Iterator[bytes]:
-    streams = [_read_harvested(p, since, until) for p in paths]
+def _harvested_lines(
+    paths: Sequence[str], since: datetime | None, until: datetime | None, exact: bool
+) -> Iterator[bytes]:
+    streams = [_read_harvested(p, since, until, exact) for p in paths]
     for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
         yield text
 
@@ -1458,6 +1552,12 @@ class _Docker:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
+
+    @functools.cached_property
+    def engine_id(self) -> str:
+        """The daemon's ID, which tells two engines apart (asked once: Podman takes its time)."""
+        with _reaching_docker():
+            return str(self.client.info().get("ID") or "")
 
     def containers(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
         """Every container, running or not, that carries all of ``labels``."""
@@ -1581,10 +1681,15 @@ class _Docker:
         self, name: str, streams: Sequence[str], since: datetime | None, until: datetime | None, follow: bool
     ) -> Iterator[bytes]:
         """A container's log lines, live: the request is made here, the body read as the lines are."""
+        start, end = _epoch(since), _epoch(until)
+        # Whole seconds around the window, since some engines stamp to the second; the lines are kept here.
+        times = {
+            "since": None if start is None else math.floor(start),
+            "until": None if end is None else math.ceil(end),
+        }
         with _reaching_docker():
-            times = {"since": _epoch(since), "until": _epoch(until)}
-            response = self.logs(name, streams, timestamps=False, follow=follow, **times)
-        return _whole_lines(payload for _, payload in _frames(response.iter_content(_READ_SIZE)))
+            response = self.logs(name, streams, timestamps=True, follow=follow, **times)
+        return _whole_lines(_stamped_lines(_frames(response.iter_content(_READ_SIZE)), since, until))
 
     def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
         """One ``GET /containers/<name>/logs`` for ``streams``, its body left to read.
@@ -1676,11 +1781,14 @@ class _LogDir:
     def started(self, app_id: str) -> bool:
         return os.path.exists(os.path.join(self.app_dir(app_id), _STARTED))
 
-    def write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> None:
-        """Writes a replica's stdout and stderr frames to its two files, each whole or not at all."""
+    def write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> bool:
+        """Writes a replica's stdout and stderr frames to its two files, each whole or not at all.
+
+        Returns whether the engine's timestamps were exact (see :py:func:`_within`).
+        """
         os.makedirs(self.app_dir(app_id), mode=0o700, exist_ok=True)
         dests = {_STDOUT: self._file(app_id, rep, "stdout"), _STDERR: self._file(app_id, rep, "stderr")}
-        _write_streams(frames, dests)
+        return _write_streams(frames, dests)
 
     def harvest(self, docker_: _Docker, app_id: str, rep: ReplicaRecord) -> _End:
         """Streams an ended replica's stdout and stderr from Docker to its files.
@@ -1690,7 +1798,7 @@ class _LogDir:
         try:
             response = docker_.logs(rep.name, ("stdout", "stderr"), timestamps=True, follow=False)
             with contextlib.closing(response):
-                self.write(app_id, rep, _frames(response.iter_content(_READ_SIZE)))
+                exact = self.write(app_id, rep, _frames(response.iter_content(_READ_SIZE)))
         except NotFound:
             log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
             return {"logs": "lost", "log_error": ""}
@@ -1707,7 +1815,7 @@ class _LogDir:
                 fix,
             )
             return {"logs": "retry", "log_error": reason}
-        return {"logs": "recorded", "log_error": ""}
+        return {"logs": "recorded", "log_error": "", "exact_stamps": exact}
 
     def lines(
         self,
@@ -1718,7 +1826,8 @@ class _LogDir:
         until: datetime | None,
     ) -> Iterator[bytes]:
         """The harvested lines of ``streams``, merged in time order, within ``since`` and ``until``."""
-        return _harvested_lines([self._file(app_id, rep, s) for s in streams], since, until)
+        paths = [self._file(app_id, rep, s) for s in streams]
+        return _harvested_lines(paths, since, until, rep.exact_stamps)
 
     def discard(self, app_id: str) -> None:
         """Removes the app's directory if it is empty, as a schedule that recorded nothing leaves it."""
@@ -1896,6 +2005,8 @@ class PersistentDockerScheduler(DockerScheduler):
         self._scheduled: list[str] = []
         self._warned: set[tuple[str, str]] = set()
         self._closed = False
+        with contextlib.suppress(OSError):  # made with the directory; a read-only one is told when it matters
+            self._state_dir_id  # noqa: B018
 
     @property
     def session_file(self) -> str:
@@ -1907,9 +2018,47 @@ class PersistentDockerScheduler(DockerScheduler):
         # torchx's workspace builds and ours share one client.
         return self._docker.client
 
+    @functools.cached_property
+    def _state_dir_id(self) -> str:
+        try:
+            return _state_dir_identity(self.state_dir)
+        except OSError as e:
+            raise self._nothing_started(e, f"record the state directory's identity in {IDENTITY_FILE}") from e
+
     @property
     def _session_labels(self) -> dict[str, str]:
-        return {LABEL_SESSION: self.session_name}
+        """The labels of this session's containers in this state directory."""
+        return {LABEL_SESSION: self.session_name, LABEL_STATE_DIR: self._state_dir_id}
+
+    def _owns(self, container: Mapping[str, Any], recorded: bool) -> bool:
+        """Whether the container is this state directory's: it carries its identity or, for an app
+        the session file holds, no identity at all (containers made before identities were)."""
+        identity = container["Labels"].get(LABEL_STATE_DIR)
+        return identity == self._state_dir_id or (identity is None and recorded)
+
+    def _listed(self, app_id: str, recorded: bool) -> builtins.list[dict[str, Any]]:
+        """The app's containers that are this session's, in this state directory."""
+        found = self._docker.containers({LABEL_SESSION: self.session_name, LABEL_APP_ID: app_id})
+        return [c for c in found if self._owns(c, recorded)]
+
+    def _other_engine(self, record: AppRecord) -> str | None:
+        """Why ``record`` is not this process's engine's to reconcile or act on, or None when it is.
+
+        Records made before engines were recorded belong to whichever engine is asked.
+        """
+        here = _docker_endpoint()
+        if (
+            not record.engine_id
+            or record.engine_endpoint == here
+            or record.engine_id == self._docker.engine_id
+        ):
+            return None
+        there = f"{record.engine_endpoint} (ID {record.engine_id})"
+        return (
+            f"app {record.app_id} runs on the Docker engine at {there}, and this scheduler talks to the one "
+            f"at {here} (ID {self._docker.engine_id}): its state is as last recorded; set "
+            f"DOCKER_HOST={record.engine_endpoint} to reach it"
+        )
 
     # -- submit -----------------------------------------------------------
 
@@ -1949,8 +2098,12 @@ class PersistentDockerScheduler(DockerScheduler):
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
-        record = _record_from_job(job, app, cfg)
         self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
+        record = dataclasses.replace(
+            _record_from_job(job, app, cfg),
+            engine_endpoint=_docker_endpoint(),
+            engine_id=self._docker.engine_id,
+        )
         try:
             start_lock = self._logs.lock_start(job.app_id)
         except OSError as e:
@@ -1999,7 +2152,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
         """A record for an app known only from its containers, and their listed states; or None."""
-        containers = self._docker.containers({LABEL_APP_ID: app_id})
+        containers = self._docker.containers({**self._session_labels, LABEL_APP_ID: app_id})
         record = _records_from_containers(containers).get(app_id)
         if record is None:
             return None
@@ -2015,8 +2168,10 @@ class PersistentDockerScheduler(DockerScheduler):
         going. Harvesting logs never raises.
         """
         app_id = record.app_id
+        if self._other_engine(record) is not None:  # never record an end another engine's app did not have
+            return record, {}
         if listed is None:
-            listed = self._docker.containers({LABEL_APP_ID: app_id})
+            listed = self._listed(app_id, recorded=True)
         starting, by_name = record.starting, {_container_name(c): c for c in listed}
         in_progress, started = (
             starting and self._logs.start_in_progress(app_id),
@@ -2102,6 +2257,8 @@ class PersistentDockerScheduler(DockerScheduler):
                 return None
             return _describe_record(*unrecorded)
         live: dict[str, AppState] = {}
+        if record.asks_docker and (elsewhere := self._other_engine(record)):
+            return _describe_record(record, live, [elsewhere])
         if not record.settled:
             record, live = self._reconciled(record)
         elif record.asks_docker:
@@ -2134,6 +2291,9 @@ class PersistentDockerScheduler(DockerScheduler):
         Raises:
             TimeoutError: when ``timeout`` seconds pass first; it names the app and its state.
         """
+        recorded = self._store.get(app_id)
+        if recorded is not None and recorded.asks_docker and (elsewhere := self._other_engine(recorded)):
+            raise RuntimeError(f"wait: {elsewhere}")
         deadline = None if timeout is None else time.monotonic() + timeout
         since = int(time.time())  # before the look, so no event after it is missed
         desc = self.describe(app_id)
@@ -2169,19 +2329,24 @@ class PersistentDockerScheduler(DockerScheduler):
         change are answered from the session file without decoding their
         records. ``cfg`` is accepted as torchx main passes it, and not needed.
         """
+        summaries = self._store.summaries()
+        recorded = {app_id for app_id, _ in summaries}
         try:
-            containers: list[dict[str, Any]] | None = self._docker.containers(self._session_labels)
+            containers: list[dict[str, Any]] | None = [
+                c
+                for c in self._docker.containers({LABEL_SESSION: self.session_name})
+                if self._owns(c, c["Labels"][LABEL_APP_ID] in recorded)
+            ]
         except DockerUnavailableError as e:
             log.warning("listing from the session file only: %s", e)
             containers = None
         by_app = _by_app(containers or [])
         found = []
-        for app_id, final in self._store.summaries():
+        for app_id, final in summaries:
             if final is None:
                 final = self._current_state(app_id, by_app.get(app_id, []), containers is not None)
             if final is not None:
                 found.append(ListAppResponse(app_id=app_id, state=AppState[final]))
-        recorded = set(self._store.ids())
         unrecorded = [c for app_id, group in by_app.items() if app_id not in recorded for c in group]
         for app_id, record in _records_from_containers(unrecorded).items():
             live = {_container_name(c): _listed_state(c) for c in by_app[app_id]}
@@ -2212,9 +2377,11 @@ class PersistentDockerScheduler(DockerScheduler):
 
         Served live from Docker while the container exists and from the
         harvested files once the replica ended, with the same meaning for every
-        parameter: ``since``/``until`` are inclusive and naive datetimes are UTC,
-        ``should_tail`` follows until the replica exits, ``streams`` picks stdout,
-        stderr or both (the default), ``regex`` keeps matching lines.
+        parameter: ``since``/``until`` are inclusive, a naive datetime is local time
+        (as docker-py and ``local_docker`` take it), and where the engine stamps
+        lines to the second (Podman) a line in the second that holds either bound
+        is kept; ``should_tail`` follows until the replica exits, ``streams`` picks
+        stdout, stderr or both (the default), ``regex`` keeps matching lines.
 
         Raises:
             ValueError: for an unknown app, role or replica index; it names the valid ones.
@@ -2223,6 +2390,10 @@ class PersistentDockerScheduler(DockerScheduler):
         wanted = [
             s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
         ]
+        recorded = self._store.get(app_id)
+        if rep.logs != "recorded" and recorded is not None and (elsewhere := self._other_engine(recorded)):
+            log.warning("%s; its logs are there", elsewhere)
+            return iter(())
         if rep.logs_pending:  # recording them failed before: try again first
             with contextlib.suppress(DockerUnavailableError):
                 rep = self._refreshed(app_id, rep)
@@ -2286,6 +2457,8 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _cancel_existing(self, app_id: str) -> None:
         recorded = self._store.get(app_id)
+        if recorded is not None and (elsewhere := self._other_engine(recorded)):
+            raise RuntimeError(f"cancel: {elsewhere}")
         if recorded is not None and recorded.settled:
             log.info("cancel: app %s already ended; nothing to do", app_id)
             return
@@ -2318,7 +2491,9 @@ class PersistentDockerScheduler(DockerScheduler):
         (``torchx delete`` calls this on torchx main.)
         """
         recorded = self._store.get(app_id)
-        containers = self._docker.containers({LABEL_APP_ID: app_id})
+        if recorded is not None and (elsewhere := self._other_engine(recorded)):
+            raise RuntimeError(f"delete: {elsewhere}")
+        containers = self._listed(app_id, recorded is not None)
         if recorded is None and not containers:
             log.debug(
                 "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
