@@ -672,6 +672,73 @@ def test_every_log_parameter_reads_the_same_before_and_after_removal(
     assert harvested == EXPECTED
 
 
+def test_since_and_until_keep_every_line_that_may_lie_in_the_window(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    """Podman stamps lines to the second: a bound inside a line's second keeps the line. dockerd's
+    stamps are exact: a bound a nanosecond after a line drops it. Each of five lines, live and harvested."""
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "for i in 1 2 3 4 5; do echo line$i; sleep 0.7; done"))
+    wait_exited(client, app_id)
+    (name,) = container_names(client, app_id)
+    stamps = {}
+    for raw in client.api.logs(name, timestamps=True).decode().splitlines():
+        ts, _, text = raw.partition(" ")
+        stamps[text] = docker_scheduler._fixed_stamp(f"{ts} ".encode()).decode()[:-1]
+    coarse = all(ts.endswith(".000000000Z") for ts in stamps.values())
+    assert coarse == is_podman(client)
+
+    def windows() -> dict[str, list[list[str]]]:
+        seen: dict[str, list[list[str]]] = {}
+        for text, ts in stamps.items():
+            at = datetime.strptime(ts[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc)
+            later = at + (timedelta(milliseconds=500) if coarse else timedelta(microseconds=1))
+            seen[text] = [
+                list(scheduler.log_iter(app_id, "r", since=later)),
+                list(scheduler.log_iter(app_id, "r", since=later, until=later)),
+            ]
+        return seen
+
+    def expected(text: str) -> list[list[str]]:
+        if coarse:  # the line may lie after the bound: kept
+            after = [t + "\n" for t in stamps if stamps[t] >= stamps[text]]
+            return [after, [t + "\n" for t in stamps if stamps[t] == stamps[text]]]
+        after = [t + "\n" for t in stamps if stamps[t] > stamps[text]]
+        return [after, []]
+
+    live = windows()
+    wait_for(scheduler, app_id)  # harvests
+    client.api.remove_container(name)
+    harvested = windows()
+    assert live == harvested == {text: expected(text) for text in stamps}
+
+
+def test_naive_datetimes_are_local_time(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo before; sleep 2.2; echo after"))
+    wait_for(scheduler, app_id)
+    (name,) = container_names(client, app_id)
+    times = _docker_times(client, name)
+    middle = (
+        (times["before"] + (times["after"] - times["before"]) / 2).replace(tzinfo=timezone.utc).timestamp()
+    )
+    seen = run_python(
+        f"""
+        import json
+        from datetime import datetime
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})
+        naive = datetime.fromtimestamp({middle!r})  # local time, here Asia/Kolkata's
+        print(json.dumps([list(s.log_iter({app_id!r}, "r", since=naive)), str(naive)]))
+        """,
+        scheduler.state_dir,
+        env={"TZ": "Asia/Kolkata"},
+    )
+    assert seen[0] == ["after\n"], seen
+
+
 def test_long_lines_survive_harvest_whole(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
@@ -877,6 +944,60 @@ def test_wait_works_across_processes(make: Callable[..., PersistentDockerSchedul
     )
     assert seen == "SUCCEEDED"
     assert list(scheduler.log_iter(app_id, "r")) == ["done\n"]
+
+
+def test_another_state_dir_with_the_same_session_never_sees_or_touches_an_app(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, tmp_path: Path
+) -> None:
+    a = make()
+    b = make(session=a.session_name, state_dir=str(tmp_path / "other-state"))
+    running = start_long(a)
+    assert b.list() == [] and b.describe(running) is None
+    with pytest.raises(ValueError, match=f"no app '{running}'"):
+        b.log_iter(running, "r")
+    b.cancel(running)
+    b.delete(running)
+    assert not os.path.exists(b.session_file)  # nothing recorded for an app that is not its
+    assert a.describe(running).state == AppState.RUNNING and len(container_names(client, running)) == 1
+    Path(b.session_file).write_bytes(b"corrupt")  # a rebuild adopts only this state dir's containers
+    assert b.list() == []
+    a.cancel(running)
+    assert a.describe(running).state == AppState.CANCELLED
+
+
+def test_another_session_in_the_same_state_dir_never_acts_on_an_app(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    a, b = make(), make()
+    running = start_long(a)
+    b.cancel(running)
+    b.delete(running)
+    assert b.prune(timedelta(0)) == [] and running not in b._store.ids()
+    assert a.describe(running).state == AppState.RUNNING and len(container_names(client, running)) == 1
+    assert (
+        client.api.inspect_container(f"{running}-r-0")["Config"]["Labels"][docker_scheduler.LABEL_STATE_DIR]
+        == Path(a.state_dir, docker_scheduler.IDENTITY_FILE).read_text().strip()
+    )
+
+
+def test_containers_made_before_state_dir_identities_still_belong_to_their_state_dir(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, tmp_path: Path
+) -> None:
+    scheduler = make()
+    info = scheduler.submit_dryrun(specs.AppDef("old", roles=[role("r", "echo old; " + LONG)]), dict(CFG))
+    for c in info.request.containers:  # as the release before identities labelled them
+        del c.kwargs["labels"][docker_scheduler.LABEL_STATE_DIR]
+    app_id = scheduler.schedule(info)
+    fresh = make(session=scheduler.session_name)
+    assert wait_for(fresh, app_id, (AppState.RUNNING,)).state == AppState.RUNNING
+    assert [(a.app_id, a.state) for a in fresh.list()] == [(app_id, AppState.RUNNING)]
+    elsewhere = make(session=scheduler.session_name, state_dir=str(tmp_path / "other-state"))
+    assert elsewhere.list() == [] and elsewhere.describe(app_id) is None
+    fresh.cancel(app_id)
+    assert fresh.describe(app_id).state == AppState.CANCELLED
+    assert list(fresh.log_iter(app_id, "r")) == ["old\n"]
+    fresh.delete(app_id)
+    assert container_names(client, app_id) == [] and fresh.describe(app_id) is None
 
 
 def test_list_shows_this_session_only(make: Callable[..., PersistentDockerScheduler]) -> None:
@@ -1685,6 +1806,9 @@ def test_readme_plugin_module_registers_a_copied_file(tmp_path: Path) -> None:
 def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
+    # A file of its own makes the workspace image this run builds its own, so removing it removes
+    # no image a user built from the same content.
+    (work / f"only-this-run-{uuid.uuid4().hex}").write_text("")
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
     handles: list[str] = []
     try:
@@ -1758,7 +1882,7 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
                 if c.attrs["Config"]["Image"].startswith("sha256:"):
                     built.add(c.attrs["Config"]["Image"])
                 c.remove(force=True)
-        for image_id in built:  # the workspace image torchx built for the run (another run may share it)
+        for image_id in built:  # the workspace image torchx built for this run
             with contextlib.suppress(NotFound):
                 client.images.remove(image_id, force=True)
 
@@ -2041,6 +2165,76 @@ def test_docker_unreachable_fails_clearly_and_records_stay_readable(
     assert all(e and endpoint in e and "start it" in e for e in errors), errors
     assert (state, logs) == ("FAILED", ["kept\n"]) and "code 5" in msg
     assert scheduler.describe(running).state == AppState.RUNNING  # the failed cancel recorded nothing
+
+
+DOCKERD = "unix:///var/run/docker.sock"
+
+
+def test_an_app_belongs_to_the_engine_that_ran_it(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    """Scheduled on dockerd, then listed, described, waited on and cancelled through Podman (CI's
+    Podman leg runs both engines), and back on dockerd reconciled as usual."""
+    podman_host = os.environ.get("DOCKER_HOST", "")
+    if not (is_podman(client) and podman_host != DOCKERD):
+        pytest.skip(
+            "needs two engines: runs where DOCKER_HOST is Podman's and dockerd answers too (the Podman leg)"
+        )
+    dockerd = docker.DockerClient(base_url=DOCKERD)
+    try:
+        dockerd.ping()
+    except DockerException as e:
+        if CI:
+            pytest.fail(f"CI=true and dockerd does not answer at {DOCKERD} beside Podman: {e}")
+        pytest.skip(f"dockerd does not answer at {DOCKERD} beside Podman: {e}")
+    provision_busybox(dockerd)
+    scheduler = make()
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from torchx import specs
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})
+        """
+    )
+    app_id = run_python(
+        script
+        + textwrap.dedent(
+            f"""
+        r = specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", {LONG!r}])
+        print(json.dumps(s.submit(specs.AppDef("engines", roles=[r]), {{"image_pull": "missing"}})))
+        """
+        ),
+        scheduler.state_dir,
+        env={"DOCKER_HOST": DOCKERD},
+    )
+    try:
+        desc = scheduler.describe(app_id)  # through Podman
+        assert desc.state == AppState.SUBMITTED and f"runs on the Docker engine at {DOCKERD}" in desc.msg
+        assert f"this scheduler talks to the one at {podman_host}" in desc.msg
+        assert [(a.app_id, a.state) for a in scheduler.list()] == [(app_id, AppState.SUBMITTED)]
+        for call in (scheduler.cancel, scheduler.delete, lambda a: scheduler.wait(a, 5)):
+            with pytest.raises(RuntimeError, match=f"set DOCKER_HOST={DOCKERD} to reach it"):
+                call(app_id)
+        assert not scheduler._store.get(app_id).settled  # nothing recorded from here
+        assert len(dockerd.containers.list(filters={"label": f"{LABEL_APP_ID}={app_id}"})) == 1
+        back = run_python(
+            script
+            + textwrap.dedent(
+                f"""
+                before = s.describe({app_id!r}).state.name
+                s.cancel({app_id!r})
+                print(json.dumps([before, s.describe({app_id!r}).state.name]))
+                """
+            ),
+            scheduler.state_dir,
+            env={"DOCKER_HOST": DOCKERD},
+        )
+        assert back == ["RUNNING", "CANCELLED"]
+    finally:
+        for c in dockerd.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+            c.remove(force=True)
+        dockerd.close()
 
 
 def test_container_killed_behind_the_schedulers_back_reads_failed(
