@@ -1312,8 +1312,12 @@ def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) ->
     whole second, so the line is compared at that precision: one printed in the
     second that holds ``low`` or ``high`` may lie inside, and is kept.
     """
-    size = len(stamp) if exact else 19
+    size = _STAMP_SIZE if exact else _SECOND_SIZE
     return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
+
+
+# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, and its part to the whole second.
+_STAMP_SIZE, _SECOND_SIZE = 30, 19
 
 
 # Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
@@ -1375,6 +1379,9 @@ def _stamped_lines(
     """The payloads of timestamped frames, stamps taken off, of the lines that may lie within
     ``since`` and ``until`` (see :py:func:`_within`); a line split into frames is kept whole or not."""
     low, high = _docker_time(since), _docker_time(until)
+    if low is None and high is None:
+        yield from (payload.partition(b" ")[2] for _, payload in frames)
+        return
     keep: dict[int, bool] = {}
     continued: dict[int, bool] = {}
     for stream, payload in frames:
@@ -1427,15 +1434,17 @@ def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]
 def _read_harvested(
     path: str, since: datetime | None, until: datetime | None, exact: bool
 ) -> Iterator[tuple[bytes, bytes]]:
-    low, high = _docker_time(since), _docker_time(until)
+    size = _STAMP_SIZE if exact else _SECOND_SIZE  # stamps to the second compare so: see _within
+    low, high = (None if t is None else t[:size] for t in (_docker_time(since), _docker_time(until)))
     try:
         with open(path, "rb") as f:
             for raw in f:
                 ts, _, text = raw.partition(b" ")
-                if _within(ts, exact, low, None):
-                    if not _within(ts, exact, None, high):
-                        break
-                    yield ts, text
+                if low is not None and ts[:size] < low:
+                    continue
+                if high is not None and ts[:size] > high:
+                    break
+                yield ts, text
     except FileNotFoundError:  # this stream never wrote a line
         return
 
@@ -1622,10 +1631,20 @@ class _Docker:
         with contextlib.closing(stream), _reaching_docker():
             yield from stream
 
-    def wait_stopped(self, name: str, timeout: float | None) -> None:
-        """Returns once the container is not running (or gone), or after ``timeout`` seconds."""
-        with contextlib.suppress(NotFound, requests.exceptions.RequestException), _reaching_docker():
-            self.client.api.wait(name, timeout=timeout)
+    def await_change(
+        self, labels: Mapping[str, str], since: int, timeout: float | None, seen: set[tuple[Any, ...]]
+    ) -> None:
+        """Returns after an event of the labelled containers that is not in ``seen`` (it is added),
+        or after ``timeout`` seconds. Events since ``since`` are replayed, so none is missed."""
+        until = None if timeout is None else math.ceil(time.time() + timeout)
+        for event in self.events(labels, since, until):
+            action = event.get("Action") or event.get("status")
+            if (key := (event.get("id"), event.get("timeNano"), action)) not in seen:
+                seen.add(key)
+                if action in ("die", "died"):  # told before the container's state says it ended
+                    with contextlib.suppress(NotFound, requests.exceptions.RequestException):
+                        self.client.api.wait(str(event.get("id")), timeout=timeout)
+                return
 
     def prepare(self, images: Iterable[str], policy: str) -> None:
         """Makes every image available as ``policy`` says, and torchx's network."""
@@ -1840,6 +1859,61 @@ class _LogDir:
 
 
 # ---------------------------------------------------------------------------
+# Ownership: a state directory's containers, an app's engine
+# ---------------------------------------------------------------------------
+
+
+class _Ownership:
+    """Which containers are a session's in a state directory, and whether an app's engine is the
+    one this process talks to. Containers carry the session's name and the state directory's
+    identity; those made before identities were count for the apps the session file holds."""
+
+    def __init__(self, docker_: _Docker, session_name: str, identity: Callable[[], str]) -> None:
+        self._docker = docker_
+        self._session_name = session_name
+        self._identity = identity  # made with the state directory, read when first needed
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels of the session's containers in this state directory."""
+        return {LABEL_SESSION: self._session_name, LABEL_STATE_DIR: self._identity()}
+
+    def owns(self, container: Mapping[str, Any], recorded: bool) -> bool:
+        identity = container["Labels"].get(LABEL_STATE_DIR)
+        return identity == self._identity() or (identity is None and recorded)
+
+    def of_app(self, app_id: str, recorded: bool) -> builtins.list[dict[str, Any]]:
+        """The app's containers, when they are this session's in this state directory."""
+        found = self._docker.containers({LABEL_SESSION: self._session_name, LABEL_APP_ID: app_id})
+        return [c for c in found if self.owns(c, recorded)]
+
+    def of_session(self, recorded: Iterable[str]) -> builtins.list[dict[str, Any]]:
+        """Every container of the session in this state directory; ``recorded`` are the app ids it holds."""
+        held = set(recorded)
+        found = self._docker.containers({LABEL_SESSION: self._session_name})
+        return [c for c in found if self.owns(c, c["Labels"][LABEL_APP_ID] in held)]
+
+    def other_engine(self, record: AppRecord) -> str | None:
+        """Why ``record`` is not this process's engine's to reconcile or act on, or None when it is.
+
+        Records made before engines were recorded belong to whichever engine is asked.
+        """
+        here = _docker_endpoint()
+        if (
+            not record.engine_id
+            or record.engine_endpoint == here
+            or record.engine_id == self._docker.engine_id
+        ):
+            return None
+        there = f"{record.engine_endpoint} (ID {record.engine_id})"
+        return (
+            f"app {record.app_id} runs on the Docker engine at {there}, and this scheduler talks to the one "
+            f"at {here} (ID {self._docker.engine_id}): its state is as last recorded; set "
+            f"DOCKER_HOST={record.engine_endpoint} to reach it"
+        )
+
+
+# ---------------------------------------------------------------------------
 # Reconciliation: what a record and Docker's listing call for
 # ---------------------------------------------------------------------------
 # Deciding is pure: _plan() looks at a record and the containers Docker listed
@@ -1927,6 +2001,22 @@ def _exit_end(inspected: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _harvest(
+    docker_: _Docker, logs: _LogDir, app_id: str, rep: ReplicaRecord, logs_only: bool
+) -> _End | None:
+    """What an ended replica's container says of its end (unless ``logs_only``) and of its logs,
+    once they are recorded; None when the container turns out to be going again."""
+    end: _End = {}
+    if not logs_only:
+        inspected = docker_.inspect(rep.name)
+        if inspected is None:
+            return {"vanished": _VANISHED, "ended": time.time(), "logs": "lost"}
+        end = _exit_end(inspected) or {}
+        if not end:
+            return None
+    return {**end, **logs.harvest(docker_, app_id, rep)}
+
+
 def _removable(record: AppRecord, ended: Iterable[str]) -> builtins.list[str]:
     """Containers of ``ended`` replicas that ``remove_on_exit`` may remove: their logs are recorded."""
     if not record.remove_on_exit:
@@ -2002,6 +2092,7 @@ class PersistentDockerScheduler(DockerScheduler):
         self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
         self._logs = _LogDir(self.state_dir, session_name)
         self._docker = _Docker()
+        self._ours = _Ownership(self._docker, session_name, lambda: self._state_dir_id)
         self._scheduled: list[str] = []
         self._warned: set[tuple[str, str]] = set()
         self._closed = False
@@ -2025,41 +2116,6 @@ class PersistentDockerScheduler(DockerScheduler):
         except OSError as e:
             raise self._nothing_started(e, f"record the state directory's identity in {IDENTITY_FILE}") from e
 
-    @property
-    def _session_labels(self) -> dict[str, str]:
-        """The labels of this session's containers in this state directory."""
-        return {LABEL_SESSION: self.session_name, LABEL_STATE_DIR: self._state_dir_id}
-
-    def _owns(self, container: Mapping[str, Any], recorded: bool) -> bool:
-        """Whether the container is this state directory's: it carries its identity or, for an app
-        the session file holds, no identity at all (containers made before identities were)."""
-        identity = container["Labels"].get(LABEL_STATE_DIR)
-        return identity == self._state_dir_id or (identity is None and recorded)
-
-    def _listed(self, app_id: str, recorded: bool) -> builtins.list[dict[str, Any]]:
-        """The app's containers that are this session's, in this state directory."""
-        found = self._docker.containers({LABEL_SESSION: self.session_name, LABEL_APP_ID: app_id})
-        return [c for c in found if self._owns(c, recorded)]
-
-    def _other_engine(self, record: AppRecord) -> str | None:
-        """Why ``record`` is not this process's engine's to reconcile or act on, or None when it is.
-
-        Records made before engines were recorded belong to whichever engine is asked.
-        """
-        here = _docker_endpoint()
-        if (
-            not record.engine_id
-            or record.engine_endpoint == here
-            or record.engine_id == self._docker.engine_id
-        ):
-            return None
-        there = f"{record.engine_endpoint} (ID {record.engine_id})"
-        return (
-            f"app {record.app_id} runs on the Docker engine at {there}, and this scheduler talks to the one "
-            f"at {here} (ID {self._docker.engine_id}): its state is as last recorded; set "
-            f"DOCKER_HOST={record.engine_endpoint} to reach it"
-        )
-
     # -- submit -----------------------------------------------------------
 
     def _run_opts(self) -> runopts:
@@ -2079,7 +2135,7 @@ class PersistentDockerScheduler(DockerScheduler):
         _check_container_names(app, [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)])
         for c in job.containers:
             labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
-            labels.update(self._session_labels)
+            labels.update(self._ours.labels)
             c.kwargs.update(copy.deepcopy(options))
         return info
 
@@ -2148,11 +2204,11 @@ class PersistentDockerScheduler(DockerScheduler):
     # -- reconcile with Docker --------------------------------------------
 
     def _rebuild_from_docker(self) -> dict[str, AppRecord]:
-        return _records_from_containers(self._docker.containers(self._session_labels))
+        return _records_from_containers(self._docker.containers(self._ours.labels))
 
     def _unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
         """A record for an app known only from its containers, and their listed states; or None."""
-        containers = self._docker.containers({**self._session_labels, LABEL_APP_ID: app_id})
+        containers = self._docker.containers({**self._ours.labels, LABEL_APP_ID: app_id})
         record = _records_from_containers(containers).get(app_id)
         if record is None:
             return None
@@ -2168,10 +2224,12 @@ class PersistentDockerScheduler(DockerScheduler):
         going. Harvesting logs never raises.
         """
         app_id = record.app_id
-        if self._other_engine(record) is not None:  # never record an end another engine's app did not have
+        if (
+            self._ours.other_engine(record) is not None
+        ):  # never record an end another engine's app did not have
             return record, {}
         if listed is None:
-            listed = self._listed(app_id, recorded=True)
+            listed = self._ours.of_app(app_id, recorded=True)
         starting, by_name = record.starting, {_container_name(c): c for c in listed}
         in_progress, started = (
             starting and self._logs.start_in_progress(app_id),
@@ -2184,7 +2242,9 @@ class PersistentDockerScheduler(DockerScheduler):
             if reps[name].logs_pending:
                 log.warning("container %s was removed before its logs were recorded; they are lost", name)
         names = [*plan.inspect, *plan.retry]
-        harvested = _fan_out(lambda name: self._harvest(app_id, reps[name], name in plan.retry), names)
+        harvested = _fan_out(
+            lambda name: _harvest(self._docker, self._logs, app_id, reps[name], name in plan.retry), names
+        )
         for name, end in zip(names, harvested, strict=True):
             if end is None:  # restarted since it was listed
                 live[name] = AppState.PENDING
@@ -2193,21 +2253,6 @@ class PersistentDockerScheduler(DockerScheduler):
         if ends or plan.write:
             record = self._record_ends(record, ends)
         return record, live
-
-    def _harvest(self, app_id: str, rep: ReplicaRecord, logs_only: bool) -> _End | None:
-        """Reads an ended replica's exit code (unless ``logs_only``), then records its logs.
-
-        Returns None when the container turns out to be going again.
-        """
-        end: _End = {}
-        if not logs_only:
-            inspected = self._docker.inspect(rep.name)
-            if inspected is None:
-                return {"vanished": _VANISHED, "ended": time.time(), "logs": "lost"}
-            end = _exit_end(inspected) or {}
-            if not end:
-                return None
-        return {**end, **self._logs.harvest(self._docker, app_id, rep)}
 
     def _record_ends(self, seen: AppRecord, ends: Mapping[str, _End]) -> AppRecord:
         """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may.
@@ -2257,7 +2302,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 return None
             return _describe_record(*unrecorded)
         live: dict[str, AppState] = {}
-        if record.asks_docker and (elsewhere := self._other_engine(record)):
+        if record.asks_docker and (elsewhere := self._ours.other_engine(record)):
             return _describe_record(record, live, [elsewhere])
         if not record.settled:
             record, live = self._reconciled(record)
@@ -2292,7 +2337,7 @@ class PersistentDockerScheduler(DockerScheduler):
             TimeoutError: when ``timeout`` seconds pass first; it names the app and its state.
         """
         recorded = self._store.get(app_id)
-        if recorded is not None and recorded.asks_docker and (elsewhere := self._other_engine(recorded)):
+        if recorded is not None and recorded.asks_docker and (elsewhere := self._ours.other_engine(recorded)):
             raise RuntimeError(f"wait: {elsewhere}")
         deadline = None if timeout is None else time.monotonic() + timeout
         since = int(time.time())  # before the look, so no event after it is missed
@@ -2302,24 +2347,10 @@ class PersistentDockerScheduler(DockerScheduler):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"app {app_id} is still {desc.state.name} after {timeout} s")
-            until = None if remaining is None else math.ceil(time.time() + remaining)
-            event = self._next_event(app_id, since, until, seen)
-            if event is not None and (event.get("Action") or event.get("status")) in ("die", "died"):
-                # Docker tells of a death before the container's state says it ended.
-                self._docker.wait_stopped(str(event.get("id")), remaining)
+            labels = {LABEL_SESSION: self.session_name, LABEL_APP_ID: app_id}
+            self._docker.await_change(labels, since, remaining, seen)
             desc = self.describe(app_id)
         return desc
-
-    def _next_event(
-        self, app_id: str, since: int, until: int | None, seen: set[tuple[Any, ...]]
-    ) -> dict[str, Any] | None:
-        """The next event of the app's containers not seen yet, or None once ``until`` passed."""
-        for event in self._docker.events({**self._session_labels, LABEL_APP_ID: app_id}, since, until):
-            key = (event.get("id"), event.get("timeNano"), event.get("Action") or event.get("status"))
-            if key not in seen:  # events since ``since`` are replayed at every call: act on new ones only
-                seen.add(key)
-                return event
-        return None
 
     def list(self, cfg: Mapping[str, Any] | None = None) -> builtins.list[ListAppResponse]:
         """This session's apps with their states, oldest first.
@@ -2332,11 +2363,7 @@ class PersistentDockerScheduler(DockerScheduler):
         summaries = self._store.summaries()
         recorded = {app_id for app_id, _ in summaries}
         try:
-            containers: list[dict[str, Any]] | None = [
-                c
-                for c in self._docker.containers({LABEL_SESSION: self.session_name})
-                if self._owns(c, c["Labels"][LABEL_APP_ID] in recorded)
-            ]
+            containers: list[dict[str, Any]] | None = self._ours.of_session(recorded)
         except DockerUnavailableError as e:
             log.warning("listing from the session file only: %s", e)
             containers = None
@@ -2391,7 +2418,11 @@ class PersistentDockerScheduler(DockerScheduler):
             s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
         ]
         recorded = self._store.get(app_id)
-        if rep.logs != "recorded" and recorded is not None and (elsewhere := self._other_engine(recorded)):
+        if (
+            rep.logs != "recorded"
+            and recorded is not None
+            and (elsewhere := self._ours.other_engine(recorded))
+        ):
             log.warning("%s; its logs are there", elsewhere)
             return iter(())
         if rep.logs_pending:  # recording them failed before: try again first
@@ -2457,7 +2488,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _cancel_existing(self, app_id: str) -> None:
         recorded = self._store.get(app_id)
-        if recorded is not None and (elsewhere := self._other_engine(recorded)):
+        if recorded is not None and (elsewhere := self._ours.other_engine(recorded)):
             raise RuntimeError(f"cancel: {elsewhere}")
         if recorded is not None and recorded.settled:
             log.info("cancel: app %s already ended; nothing to do", app_id)
@@ -2491,9 +2522,9 @@ class PersistentDockerScheduler(DockerScheduler):
         (``torchx delete`` calls this on torchx main.)
         """
         recorded = self._store.get(app_id)
-        if recorded is not None and (elsewhere := self._other_engine(recorded)):
+        if recorded is not None and (elsewhere := self._ours.other_engine(recorded)):
             raise RuntimeError(f"delete: {elsewhere}")
-        containers = self._listed(app_id, recorded is not None)
+        containers = self._ours.of_app(app_id, recorded is not None)
         if recorded is None and not containers:
             log.debug(
                 "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
