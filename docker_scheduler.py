@@ -2050,7 +2050,10 @@ class PersistentDockerScheduler(DockerScheduler):
       driver Docker cannot read back, a full or read-only disk) leave the exit
       code recorded and the container in place, and are retried; ``schedule``
       records the app before it creates anything. :py:meth:`delete` and
-      :py:meth:`prune` forget apps.
+      :py:meth:`prune` forget apps; :py:meth:`wait` blocks until an app ends.
+    * A state directory owns its apps: its containers carry its identity, and no
+      other state directory or session sees or acts on them. An app belongs to
+      the engine that ran it: through another, nothing is recorded for it.
 
     State lives in ``state_dir``: the ``state_dir`` argument, else the
     ``DOCKER_SCHEDULER_STATE_DIR`` environment variable, else
