@@ -2416,16 +2416,11 @@ class PersistentDockerScheduler(DockerScheduler):
         Raises:
             ValueError: for an unknown app, role or replica index; it names the valid ones.
         """
-        rep = self._find_replica(app_id, role_name, k)
+        record, recorded, rep = self._find_replica(app_id, role_name, k)
         wanted = [
             s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
         ]
-        recorded = self._store.get(app_id)
-        if (
-            rep.logs != "recorded"
-            and recorded is not None
-            and (elsewhere := self._ours.other_engine(recorded))
-        ):
+        if rep.logs != "recorded" and recorded and (elsewhere := self._ours.other_engine(record)):
             log.warning("%s; its logs are there", elsewhere)
             return iter(())
         if rep.logs_pending:  # recording them failed before: try again first
@@ -2458,14 +2453,15 @@ class PersistentDockerScheduler(DockerScheduler):
         log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
         return iter(())
 
-    def _find_replica(self, app_id: str, role_name: str, k: int) -> ReplicaRecord:
+    def _find_replica(self, app_id: str, role_name: str, k: int) -> tuple[AppRecord, bool, ReplicaRecord]:
+        """The app's record, whether the session file holds it, and the replica."""
         record = self._store.get(app_id)
-        if record is None:
-            unrecorded = self._unrecorded(app_id)
-            if unrecorded is None:
-                raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
-            record = unrecorded[0]
-        return _replica(record, role_name, k)
+        if record is not None:
+            return record, True, _replica(record, role_name, k)
+        unrecorded = self._unrecorded(app_id)
+        if unrecorded is None:
+            raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
+        return unrecorded[0], False, _replica(unrecorded[0], role_name, k)
 
     def _refreshed(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
         """``rep`` as recorded after looking at the app's containers again."""

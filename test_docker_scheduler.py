@@ -224,6 +224,27 @@ def wait_exited(client: docker.DockerClient, app_id: str) -> None:
         client.api.wait(name, timeout=60)
 
 
+PACKAGE_FILES = [
+    "setup.py",
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "docker_scheduler.py",
+    "torchx_plugins",
+]
+
+
+def copy_package(dest: Path, *extra: str) -> Path:
+    """A copy of the files that make the package (and ``extra`` ones) in ``dest``, as a clone has them."""
+    dest.mkdir()
+    for name in [*PACKAGE_FILES, *extra]:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, dest / name)
+    return dest
+
+
 def run_python(code: str, state_dir: str, env: dict[str, str] | None = None) -> Any:
     """Runs ``code`` in a new interpreter and returns what it printed as JSON."""
     proc = subprocess.run(
@@ -1567,13 +1588,7 @@ def test_readme_quick_start_commands_run_back_to_back(
 ) -> None:
     """The two Quick start commands, as written, in one shell, in a copy of the checkout; the second's
     pytest only collects (PYTEST_ADDOPTS), since this suite is what it would run."""
-    clone = tmp_path / "clone"
-    clone.mkdir()
-    for name in [*PACKAGE_FILES, "test_docker_scheduler.py"]:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(ROOT / name, clone / name)
+    clone = copy_package(tmp_path / "clone", "test_docker_scheduler.py")
     script = f"set -e\ncd {shlex.quote(str(clone))}\n{_readme_block('sh', 1)}{_readme_block('sh', 2)}"
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
     env["PYTEST_ADDOPTS"] = "--collect-only -q -p no:cacheprovider"
@@ -1657,14 +1672,6 @@ def _torchx(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) ->
 # -- registration, as a user who installs the package gets it
 
 TORCHX_MAIN = importlib.util.find_spec("torchx.plugins") is not None
-PACKAGE_FILES = [
-    "setup.py",
-    "pyproject.toml",
-    "README.md",
-    "LICENSE",
-    "docker_scheduler.py",
-    "torchx_plugins",
-]
 
 
 @pytest.fixture(scope="session")
@@ -1672,13 +1679,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, s
     """Environments for torchx: the package as a built wheel (its directory first on PYTHONPATH,
     so it hides the checkout's editable install), and torchx as it is without the package."""
     root = tmp_path_factory.mktemp("package")
-    source = root / "source"
-    source.mkdir()
-    for name in PACKAGE_FILES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(ROOT / name, source / name)
+    source = copy_package(root / "source")
     pip = [sys.executable, "-m", "pip", "-q"]
     built = subprocess.run(
         [*pip, "wheel", "--no-deps", "-w", str(root), str(source)], capture_output=True, text=True
