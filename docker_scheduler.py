@@ -2227,10 +2227,8 @@ class PersistentDockerScheduler(DockerScheduler):
         going. Harvesting logs never raises.
         """
         app_id = record.app_id
-        if (
-            self._ours.other_engine(record) is not None
-        ):  # never record an end another engine's app did not have
-            return record, {}
+        if self._ours.other_engine(record) is not None:
+            return record, {}  # never record an end that another engine's app did not have
         if listed is None:
             listed = self._ours.of_app(app_id, recorded=True)
         starting, by_name = record.starting, {_container_name(c): c for c in listed}
