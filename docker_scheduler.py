@@ -148,6 +148,9 @@ DEFAULT_IMAGE_PULL = "always"
 #: Seconds between two progress lines of a long image pull.
 PULL_PROGRESS_INTERVAL = 3.0
 
+#: At most this many replicas in one app, over all its roles (each is a container on this machine).
+MAX_REPLICAS = 256
+
 # Docker refuses container names outside this pattern; app ids and log directories follow it too.
 _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 # Container states as dockerd names them (torchx's map) and as Podman's API adds them.
@@ -375,6 +378,18 @@ def _validate_app(app: AppDef) -> None:
             raise ValueError(f"role {role.name!r} has an empty image: set Role.image, e.g. 'busybox'")
         if role.num_replicas < 1:
             raise ValueError(f"role {role.name!r} has num_replicas={role.num_replicas}: it needs at least 1")
+        # A replica's log file is <role>.<replica>.stdout, and a file name holds at most 255 bytes.
+        if len(f"{role.name}.{role.num_replicas - 1}.stdout".encode()) > 255:
+            raise ValueError(
+                f"role name {role.name[:40]!r}... ({len(role.name)} characters) is too long to name its "
+                "replicas' log files: keep it under 240 characters"
+            )
+    replicas = sum(role.num_replicas for role in app.roles)
+    if replicas > MAX_REPLICAS:
+        raise ValueError(
+            f"app {app.name!r} asks for {replicas} replicas; at most {MAX_REPLICAS} run in one app on one "
+            "Docker host: split it into several apps, or run it on a cluster scheduler"
+        )
 
 
 def _check_container_names(app: AppDef, names: Iterable[str]) -> None:
@@ -912,10 +927,22 @@ def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OS
     )
 
 
+def _make_private_dirs(path: str) -> None:
+    """Makes ``path`` and each missing parent with mode 0700, whatever the umask."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o700)  # mkdir's mode is cut by the umask; this is not
+
+
 def _resolve_state_dir(state_dir: str | None) -> tuple[str, str]:
     path, chosen_by = _chosen_state_dir(state_dir)
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        _make_private_dirs(path)
         st = os.stat(path)
     except OSError as e:
         raise _state_dir_error(e, path, chosen_by, f"create {path}") from e
@@ -1772,7 +1799,7 @@ class _LogDir:
         The lock is a ``flock`` on the app's directory, so it dies with the process
         that holds it; it is released when the returned stack closes.
         """
-        os.makedirs(self.app_dir(app_id), mode=0o700, exist_ok=True)
+        _make_private_dirs(self.app_dir(app_id))
         fd = os.open(self.app_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
         held = contextlib.ExitStack()
         held.callback(os.close, fd)
@@ -1805,7 +1832,7 @@ class _LogDir:
 
         Returns whether the engine's timestamps were exact (see :py:func:`_within`).
         """
-        os.makedirs(self.app_dir(app_id), mode=0o700, exist_ok=True)
+        _make_private_dirs(self.app_dir(app_id))
         dests = {_STDOUT: self._file(app_id, rep, "stdout"), _STDERR: self._file(app_id, rep, "stderr")}
         return _write_streams(frames, dests)
 
@@ -1872,6 +1899,7 @@ class _Ownership:
         self._docker = docker_
         self._session_name = session_name
         self._identity = identity  # made with the state directory, read when first needed
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def labels(self) -> dict[str, str]:
@@ -1880,7 +1908,28 @@ class _Ownership:
 
     def owns(self, container: Mapping[str, Any], recorded: bool) -> bool:
         identity = container["Labels"].get(LABEL_STATE_DIR)
-        return identity == self._identity() or (identity is None and recorded)
+        return (identity == self._identity() or (identity is None and recorded)) and self._named_well(
+            container
+        )
+
+    def _named_well(self, container: Mapping[str, Any]) -> bool:
+        """Whether its labels name an app, role and replica as submitted ones are named; they become
+        paths in the log directory. One that is not is ignored, with one warning."""
+        labels = container["Labels"]
+        app_id, role, replica = (labels.get(k, "") for k in (LABEL_APP_ID, LABEL_ROLE_NAME, LABEL_REPLICA_ID))
+        if _CONTAINER_NAME.fullmatch(app_id) and _CONTAINER_NAME.fullmatch(f"x{role}") and replica.isdigit():
+            return True
+        _warn_once(
+            self._warned,
+            (_container_name(container), "labels"),
+            "ignoring container %s: its labels name app %r, role %r, replica %r, which no app submitted here "
+            "could have; nothing is recorded or written for it",
+            _container_name(container),
+            app_id,
+            role,
+            replica,
+        )
+        return False
 
     def of_app(self, app_id: str, recorded: bool) -> builtins.list[dict[str, Any]]:
         """The app's containers, when they are this session's in this state directory."""
@@ -2207,11 +2256,11 @@ class PersistentDockerScheduler(DockerScheduler):
     # -- reconcile with Docker --------------------------------------------
 
     def _rebuild_from_docker(self) -> dict[str, AppRecord]:
-        return _records_from_containers(self._docker.containers(self._ours.labels))
+        return _records_from_containers(self._ours.of_session(()))
 
     def _unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
         """A record for an app known only from its containers, and their listed states; or None."""
-        containers = self._docker.containers({**self._ours.labels, LABEL_APP_ID: app_id})
+        containers = self._ours.of_app(app_id, recorded=False)
         record = _records_from_containers(containers).get(app_id)
         if record is None:
             return None

@@ -2243,6 +2243,68 @@ def test_an_app_belongs_to_the_engine_that_ran_it(
         dockerd.close()
 
 
+def test_every_directory_and_file_it_makes_is_private_whatever_the_umask(
+    make: Callable[..., PersistentDockerScheduler], tmp_path: Path
+) -> None:
+    session = make().session_name  # for the clean-up of this session's containers
+    xdg = tmp_path / "home" / ".local" / "state"
+    seen = run_python(
+        f"""
+        import json, os
+        os.umask(0)
+        from torchx import specs
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({session!r})
+        app = specs.AppDef("modes", roles=[specs.Role("r", image={IMAGE!r}, entrypoint="echo", args=["hi"])])
+        app_id = s.submit(app, {{"image_pull": "missing"}})
+        s.wait(app_id, timeout=60)
+        print(json.dumps([s.state_dir, app_id]))
+        """,
+        "",
+        env={"DOCKER_SCHEDULER_STATE_DIR": "", "XDG_STATE_HOME": str(xdg)},
+    )
+    state_dir, app_id = Path(seen[0]), seen[1]
+    assert state_dir == xdg / "docker_scheduler"
+    made = [tmp_path / "home", tmp_path / "home" / ".local", xdg, state_dir]
+    made += [state_dir / f"{session}.logs", state_dir / f"{session}.logs" / app_id]
+    assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in made} == {str(p): 0o700 for p in made}
+    files = [p for p in state_dir.rglob("*") if p.is_file()]
+    assert len(files) >= 5 and {str(p): stat.S_IMODE(p.stat().st_mode) for p in files} == {
+        str(p): 0o600 for p in files
+    }
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"torchx.pytorch.org/role-name": "../../../victim/pwn", "torchx.pytorch.org/replica-id": "0"},
+        {"torchx.pytorch.org/role-name": "r", "torchx.pytorch.org/replica-id": "zero"},
+    ],
+    ids=["role-with-a-path", "replica-not-a-number"],
+)
+def test_a_container_whose_labels_no_app_could_have_is_ignored(
+    labels: dict[str, str],
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    app_id = f"forged-{uuid.uuid4().hex[:10]}"
+    forged = {**scheduler._ours.labels, LABEL_APP_ID: app_id, **labels}
+    client.containers.run(IMAGE, ["echo", "forged"], name=f"{app_id}-x-0", labels=forged, detach=True)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert scheduler.list() == [] and scheduler.describe(app_id) is None
+        scheduler.cancel(app_id)
+        assert scheduler.list() == []
+        Path(scheduler.session_file).write_bytes(b"corrupt")  # the rebuild ignores it too
+        assert scheduler.list() == []
+    said = [r.getMessage() for r in caplog.records if "ignoring container" in r.getMessage()]
+    assert len(said) == 1 and f"{app_id}-x-0" in said[0]
+    assert not (Path(scheduler.state_dir).parent / "victim").exists()
+    assert not (Path(scheduler.state_dir) / f"{scheduler.session_name}.logs").exists()
+
+
 def test_container_killed_behind_the_schedulers_back_reads_failed(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
@@ -2337,6 +2399,14 @@ def test_partial_schedule_removes_started_containers_and_records_failed(
         (
             specs.AppDef("../../" + "x" * 40, roles=[specs.Role("r", image=IMAGE, entrypoint="true")]),
             "Docker refuses",
+        ),
+        (
+            specs.AppDef("long", roles=[specs.Role("r" * 247, image=IMAGE, entrypoint="true")]),
+            "too long to name its replicas' log files",
+        ),
+        (
+            specs.AppDef("many", roles=[specs.Role("r", image=IMAGE, entrypoint="true", num_replicas=257)]),
+            "asks for 257 replicas; at most 256",
         ),
     ],
 )
