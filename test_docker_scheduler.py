@@ -1597,6 +1597,7 @@ def test_readme_quick_start_commands_run_back_to_back(
     script = f"set -e\ncd {shlex.quote(str(clone))}\n{_readme_block('sh', 1)}{_readme_block('sh', 2)}"
     env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
     env["PYTEST_ADDOPTS"] = "--collect-only -q -p no:cacheprovider"
+    env["TMPDIR"] = str(tmp_path)  # where the command's `mktemp -d` makes its empty workspace
     images = {i.id for i in client.images.list()}
     run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=900)
     handles = re.findall(r"local_docker_persistent://torchx/[\w.-]+", run.stdout)
