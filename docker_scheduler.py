@@ -34,11 +34,11 @@ or through a torchx ``Runner``::
         print(runner.wait(handle, wait_interval=1))
 
 The module reads top to bottom in the order data flows: labels and constants;
-run options and input checks; records; the session store; the log harvest
-(Docker's log stream, to and from files); the Docker adapter; the log
-directory; reconciliation, which decides from a record and what Docker lists
-what to harvest and record; the scheduler, a thin torchx surface over them;
-and the factory.
+run options and input checks; records; the state directory, held open; the
+session store; the log harvest (Docker's log stream, to and from files); the
+Docker adapter; the log directory; reconciliation, which decides from a record
+and what Docker lists what to harvest and record; the scheduler, a thin torchx
+surface over them; and the factory.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import builtins
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import functools
 import heapq
@@ -57,14 +58,14 @@ import math
 import os
 import pickle
 import re
-import shutil
+import stat
 import struct
-import tempfile
 import threading
 import time
 import types
 import typing
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -106,7 +107,13 @@ from torchx.specs.api import (
 if TYPE_CHECKING:
     from docker import DockerClient
 
-__all__ = ["DockerUnavailableError", "PersistentDockerScheduler", "create_scheduler", "log"]
+__all__ = [
+    "DockerUnavailableError",
+    "PersistentDockerScheduler",
+    "UnsafeStateError",
+    "create_scheduler",
+    "log",
+]
 
 log: logging.Logger = logging.getLogger(__name__)
 
@@ -876,11 +883,23 @@ def _describe_record(
 
 
 # ---------------------------------------------------------------------------
-# Session store
+# State directory: held open, no symlink followed
 # ---------------------------------------------------------------------------
-# The state directory holds ``<session>.pickle``, its ``.lock`` and the log
-# directory ``<session>.logs``. The session file is unpickled, so it must be
-# private: owned by the user, writable by nobody else.
+# The state directory holds ``<session>.pickle``, its ``.lock``, the log
+# directory ``<session>.logs`` and the identity file. Session files are
+# unpickled and log files served as an app's output, so the directory is
+# checked once, with each of its parents, then held open by a descriptor:
+# every access after that is relative to it and follows no symlink, so a
+# path swapped later leads nowhere.
+
+_OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
+_MAX_SYMLINKS = 40
+#: Temporary files, of session writes and log harvests alike; see :py:meth:`_Dir.sweep`.
+_TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{16}\.tmp")
+
+
+class UnsafeStateError(PermissionError):
+    """A state directory, or a path in it, that someone other than its owner could have changed."""
 
 
 def _check_session_name(session_name: str) -> None:
@@ -894,16 +913,187 @@ def _check_session_name(session_name: str) -> None:
 
 def _check_private(path: str, st: os.stat_result) -> None:
     """Refuses state that someone else could have written: it is unpickled."""
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_mode & 0o022:
+        raise UnsafeStateError(
+            f"{path} is a shared directory (mode {st.st_mode & 0o7777:o}): others can create files in it. "
+            f"Fix: use a private directory under it, e.g. state_dir=$(mktemp -d -p {path})"
+        )
     if st.st_uid != os.getuid():
-        raise PermissionError(
-            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing to read it. "
+        raise UnsafeStateError(
+            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing to use it. "
             f"Fix: `chown {os.getuid()} {path}`, or use another state_dir"
         )
     if st.st_mode & 0o022:
-        raise PermissionError(
-            f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}); refusing to read it. "
+        raise UnsafeStateError(
+            f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}); refusing to use it. "
             f"Fix: `chmod go-w {path}`"
         )
+
+
+def _check_parent(path: str, st: os.stat_result, state_dir: str) -> None:
+    """Refuses a parent through which another user could swap the state directory (as OpenSSH's
+    StrictModes does): it must be owned by you or root, and writable by nobody else unless sticky."""
+    owned = st.st_uid in (os.getuid(), 0)
+    if owned and (not st.st_mode & 0o022 or st.st_mode & stat.S_ISVTX):
+        return
+    mode = st.st_mode & 0o777
+    why = f"is owned by uid {st.st_uid}" if not owned else f"is writable by group or others (mode {mode:o})"
+    raise UnsafeStateError(
+        f"{path}, a parent of the state directory {state_dir}, {why}: its owner or others could swap "
+        "the state directory. Fix: use a state_dir whose parents are owned by you or root and writable "
+        "only by their owner (sticky ones like /tmp are fine)"
+    )
+
+
+def _symlink_refused(path: str) -> UnsafeStateError:
+    return UnsafeStateError(
+        f"refusing {path}: it is a symbolic link, and docker_scheduler never follows one in its state "
+        "directory. Fix: remove it or move it aside"
+    )
+
+
+class _Dir:
+    """A directory held open by a descriptor: every access is relative to it, follows no symlink,
+    and sets the mode of what it creates explicitly (0700 directories, 0600 files), whatever the umask."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def __enter__(self) -> _Dir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closer()
+
+    def where(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def open(self, name: str, flags: int = os.O_RDONLY) -> int:
+        """Opens ``name``, refusing a symlink."""
+        try:
+            return os.open(name, flags | _OPEN, 0o600, dir_fd=self.fd)
+        except OSError as e:
+            # O_DIRECTORY makes a symlink ENOTDIR, not ELOOP
+            st = self.stat(name) if e.errno == errno.ENOTDIR else None
+            if e.errno == errno.ELOOP or (st is not None and stat.S_ISLNK(st.st_mode)):
+                raise _symlink_refused(self.where(name)) from e
+            raise
+
+    def create(self, name: str, flags: int = os.O_WRONLY) -> int | None:
+        """Creates ``name`` with mode 0600; None when it exists."""
+        try:
+            fd = self.open(name, flags | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return None
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def stat(self, name: str) -> os.stat_result | None:
+        """``name``'s own status (a symlink's, not its target's), or None when it does not exist."""
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def subdir(self, name: str, create: bool = False) -> _Dir:
+        """The directory ``name`` in this one, held open; made 0700 when missing and ``create``."""
+        try:
+            return _Dir(self.open(name, os.O_RDONLY | os.O_DIRECTORY), self.where(name))
+        except FileNotFoundError:
+            if not create:
+                raise
+        try:
+            os.mkdir(name, 0o700, dir_fd=self.fd)
+        except FileExistsError:  # another process made it meanwhile
+            return self.subdir(name)
+        made = _Dir(self.open(name, os.O_RDONLY | os.O_DIRECTORY), self.where(name))
+        os.fchmod(made.fd, 0o700)  # mkdir's mode is cut by the umask; this is not
+        return made
+
+    def replace(self, name: str, into: _Dir, new_name: str) -> None:
+        os.replace(name, new_name, src_dir_fd=self.fd, dst_dir_fd=into.fd)
+
+    def lock_file(self, name: str) -> int:
+        """``name`` opened for locking, made 0600 if missing."""
+        while True:
+            fd = self.create(name, os.O_RDWR)
+            if fd is not None:
+                return fd
+            with contextlib.suppress(FileNotFoundError):  # removed between the two: make it again
+                return self.open(name, os.O_RDWR)
+
+    def unlink(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd)
+
+    def names(self) -> builtins.list[str]:
+        return os.listdir(self.fd)
+
+    def remove_dir(self, name: str) -> None:
+        """Removes the directory ``name`` and the files in it; a symlink is refused, not followed."""
+        with self.subdir(name) as inner:
+            for entry in inner.names():
+                with contextlib.suppress(FileNotFoundError):
+                    inner.unlink(entry)
+        os.rmdir(name, dir_fd=self.fd)
+
+    def temp_file(self, prefix: str) -> tuple[int, str]:
+        """A new temporary file, open for writing and locked while its writer lives.
+
+        The lock is what :py:meth:`sweep` tests; a sweeper that took it first
+        unlinks the file before letting go, which the writer sees and starts over.
+        """
+        while True:
+            name = f".{prefix}.{os.urandom(8).hex()}.tmp"
+            fd = self.create(name)
+            if fd is None:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd, name
+            os.close(fd)
+
+    def sweep(self) -> None:
+        """Removes the temporary files of writers that died: a live writer holds its file's lock."""
+        for name in self.names():
+            if _TEMP_NAME.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    self._sweep_one(name)
+
+    def _sweep_one(self, name: str) -> None:
+        fd = self.open(name, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now = self.stat(name)
+            if now is not None and now.st_ino == os.fstat(fd).st_ino:
+                self.unlink(name)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def written(self, name: str, into: _Dir | None = None, replace: bool = True) -> Iterator[typing.BinaryIO]:
+        """A file to write ``name`` through, made here: it appears in ``into`` (default: here) on a
+        clean exit, whole, replacing what was there (unless ``replace`` is False: then only if nothing
+        was); after a failure, nothing is left."""
+        into = into or self
+        fd, temp = self.temp_file(name[:64])
+        try:
+            f = os.fdopen(fd, "wb", buffering=_READ_SIZE)
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                with contextlib.suppress(OSError):  # after a failed write, closing flushes and fails again
+                    f.close()
+            if replace:
+                self.replace(temp, into, name)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.link(temp, name, src_dir_fd=self.fd, dst_dir_fd=into.fd, follow_symlinks=False)
+        finally:
+            with contextlib.suppress(OSError):  # replaced, or left by a failure: gone either way
+                self.unlink(temp)
 
 
 def _chosen_state_dir(state_dir: str | None) -> tuple[str, str]:
@@ -920,6 +1110,8 @@ def _chosen_state_dir(state_dir: str | None) -> tuple[str, str]:
 
 def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OSError:
     """``error`` restated: what failed, on which path, which setting chose it, and what to do."""
+    if isinstance(error, UnsafeStateError):
+        return UnsafeStateError(str(error))  # it names the path and the fix already
     return type(error)(
         error.errno,
         f"cannot {what} ({error.strerror}); the state directory {path} comes from {chosen_by}: "
@@ -927,59 +1119,62 @@ def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OS
     )
 
 
-def _make_private_dirs(path: str) -> None:
-    """Makes ``path`` and each missing parent with mode 0700, whatever the umask."""
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
-            os.mkdir(directory, 0o700)
-            os.chmod(directory, 0o700)  # mkdir's mode is cut by the umask; this is not
+def _open_private_dir(path: str) -> _Dir:
+    """Opens the state directory ``path``, checking it and each parent, making what is missing 0700.
+
+    The path is resolved once; from there each directory is opened through
+    the one before it, following no symlink, so what is checked is what is held.
+    """
+    real = os.path.realpath(path)
+    current = _Dir(os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "/")
+    parts = [part for part in real.split(os.sep) if part]
+    for part in parts:
+        _check_parent(current.path, os.fstat(current.fd), real)
+        with current:
+            current = current.subdir(part, create=True)
+    _check_private(current.path, os.fstat(current.fd))
+    return current
 
 
-def _resolve_state_dir(state_dir: str | None) -> tuple[str, str]:
+def _open_state_dir(state_dir: str | None) -> tuple[_Dir, str]:
+    """The state directory, held open, and which setting chose it."""
     path, chosen_by = _chosen_state_dir(state_dir)
     try:
-        _make_private_dirs(path)
-        st = os.stat(path)
+        return _open_private_dir(path), chosen_by
+    except UnsafeStateError:
+        raise
     except OSError as e:
         raise _state_dir_error(e, path, chosen_by, f"create {path}") from e
-    _check_private(path, st)
-    return path, chosen_by
 
 
 _IDENTITY = re.compile(r"[0-9a-f]{32}")
 
 
-def _state_dir_identity(path: str) -> str:
+def _state_dir_identity(state: _Dir) -> str:
     """The state directory's identity: read from :py:data:`IDENTITY_FILE`, made with it if missing.
 
     A new one is written whole to a temporary file and linked into place, so
     two processes that make it at once agree on the first one linked.
     """
-    file = os.path.join(path, IDENTITY_FILE)
-    if not os.path.exists(file):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".state_dir.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(uuid.uuid4().hex + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, file)
-        finally:
-            os.unlink(tmp)
-    with open(file) as f:
-        identity = f.read().strip()
+    if state.stat(IDENTITY_FILE) is None:
+        with state.written(IDENTITY_FILE, replace=False) as f:
+            f.write(f"{uuid.uuid4().hex}\n".encode())
+    with os.fdopen(state.open(IDENTITY_FILE), "rb") as f:
+        identity = f.read(64).decode("ascii", "replace").strip()
     if not _IDENTITY.fullmatch(identity):
         raise ValueError(
-            f"{file} does not hold a state directory identity (32 hex digits); it labels this state "
-            "directory's containers, so restore it, or remove it to start a new identity (containers "
-            "labelled with the old one are then no longer this directory's)"
+            f"{state.where(IDENTITY_FILE)} does not hold a state directory identity (32 hex digits); it "
+            "labels this state directory's containers, so restore it, or remove it to start a new identity "
+            "(containers labelled with the old one are then no longer this directory's)"
         )
     return identity
+
+
+# ---------------------------------------------------------------------------
+# Session store
+# ---------------------------------------------------------------------------
+# The session file is unpickled, so it must be private: owned by the user,
+# writable by nobody else, and read with an unpickler that allows no globals.
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -1100,18 +1295,15 @@ class _SessionStore:
     under the lock, and the session rebuilt by ``rebuild``.
     """
 
-    def __init__(
-        self, directory: str, session_name: str, rebuild: Callable[[], dict[str, AppRecord]]
-    ) -> None:
-        self.path = os.path.join(directory, f"{session_name}.pickle")
-        self._lock_path = os.path.join(directory, f"{session_name}.lock")
+    def __init__(self, state: _Dir, session_name: str, rebuild: Callable[[], dict[str, AppRecord]]) -> None:
+        self._dir, self._name, self._lock_name = state, f"{session_name}.pickle", f"{session_name}.lock"
+        self.path = state.where(self._name)
         self._session_name = session_name
         self._rebuild = rebuild
         self._fingerprint: _Fingerprint | None = None
         self._entries: dict[str, _Entry] = {}
         self._records: dict[str, AppRecord] = {}  # decoded so far
         self._held = threading.local()
-        self._temp_name = re.compile(re.escape(f".{session_name}.") + r"[a-z0-9_]{8}\.tmp")
 
     def get(self, app_id: str) -> AppRecord | None:
         """The app's record as of the last write by any process, or None."""
@@ -1166,11 +1358,8 @@ class _SessionStore:
         return record
 
     def _refresh(self) -> None:
-        try:
-            fingerprint: _Fingerprint | None = _fingerprint(os.stat(self.path))
-        except FileNotFoundError:
-            fingerprint = None
-        if fingerprint != self._fingerprint:
+        st = self._dir.stat(self._name)
+        if (None if st is None else _fingerprint(st)) != self._fingerprint:
             try:
                 self._load()
             except _CorruptSession as e:
@@ -1188,25 +1377,26 @@ class _SessionStore:
 
     def _load(self) -> None:
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                _check_private(self.path, st)
-                data = _unpickled(f, "the file")
+            fd = self._dir.open(self._name)
         except FileNotFoundError:
             self._fingerprint, self._entries, self._records = None, {}, {}
             return
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_private(self.path, st)
+            data = _unpickled(f, "the file")
         entries, records = _read_entries(data, self._session_name)
         self._fingerprint, self._entries, self._records = _fingerprint(st), entries, records
 
     def _quarantine(self, error: Exception) -> None:
-        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        os.replace(self.path, aside)
+        aside = f"{self._name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        self._dir.replace(self._name, self._dir, aside)
         log.warning(
             "session file %s could not be read (%s); moved it to %s and rebuilt the session "
             "from the containers labelled with it",
             self.path,
             error,
-            aside,
+            self._dir.where(aside),
         )
         try:
             rebuilt = self._rebuild()
@@ -1225,27 +1415,11 @@ class _SessionStore:
             else:
                 entries[app_id], records[app_id] = _encode(record), record
         data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": entries}
-        directory = os.path.dirname(self.path)
-        self._remove_stale_temp_files(directory)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._session_name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._fingerprint, self._entries, self._records = _fingerprint(os.stat(self.path)), entries, records
-
-    def _remove_stale_temp_files(self, directory: str) -> None:
-        # Writers hold the lock, so a temp file seen under it was left by one that died.
-        for entry in os.scandir(directory):
-            if self._temp_name.fullmatch(entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+        self._dir.sweep()
+        with self._dir.written(self._name) as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        st = os.stat(self._name, dir_fd=self._dir.fd, follow_symlinks=False)
+        self._fingerprint, self._entries, self._records = _fingerprint(st), entries, records
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -1257,7 +1431,7 @@ class _SessionStore:
             finally:
                 self._held.depth -= 1
             return
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._dir.lock_file(self._lock_name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._held.depth = 1
@@ -1421,18 +1595,17 @@ def _stamped_lines(
             yield text
 
 
-def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]) -> bool:
-    """Writes each stream's frames to its file in ``dests``; each file appears whole or not at all.
+def _write_streams(
+    frames: Iterable[tuple[int, bytes]], temps: _Dir, into: _Dir, names: Mapping[int, str]
+) -> bool:
+    """Writes each stream's frames to its file ``names`` in ``into``, through temporary files in
+    ``temps``; each file appears whole or not at all.
 
     Returns whether every timestamp was dockerd's own, exact to the nanosecond.
     """
-    files: dict[int, Any] = {}
-    temps: dict[int, str] = {}
-    try:
-        for stream, dest in dests.items():
-            fd, temps[stream] = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".harvest.")
-            files[stream] = os.fdopen(fd, "wb", buffering=_READ_SIZE)
-        continued, exact = dict.fromkeys(dests, False), True
+    with contextlib.ExitStack() as stack:
+        files = {stream: stack.enter_context(temps.written(name, into)) for stream, name in names.items()}
+        continued, exact = dict.fromkeys(names, False), True
         for stream, payload in frames:
             out = files.get(stream)
             if out is None:
@@ -1445,41 +1618,28 @@ def _write_streams(frames: Iterable[tuple[int, bytes]], dests: Mapping[int, str]
                 exact, payload = exact and fixed is payload, fixed
             out.write(payload)
             continued[stream] = not payload.endswith(b"\n")
-        for stream, out in files.items():
-            out.close()
-            os.replace(temps.pop(stream), dests[stream])
-        return exact
-    finally:
-        for out in files.values():
-            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
-                out.close()
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    return exact
 
 
 def _read_harvested(
-    path: str, since: datetime | None, until: datetime | None, exact: bool
+    f: typing.BinaryIO, since: datetime | None, until: datetime | None, exact: bool
 ) -> Iterator[tuple[bytes, bytes]]:
     size = _STAMP_SIZE if exact else _SECOND_SIZE  # stamps to the second compare so: see _within
     low, high = (None if t is None else t[:size] for t in (_docker_time(since), _docker_time(until)))
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                ts, _, text = raw.partition(b" ")
-                if low is not None and ts[:size] < low:
-                    continue
-                if high is not None and ts[:size] > high:
-                    break
-                yield ts, text
-    except FileNotFoundError:  # this stream never wrote a line
-        return
+    with f:
+        for raw in f:
+            ts, _, text = raw.partition(b" ")
+            if low is not None and ts[:size] < low:
+                continue
+            if high is not None and ts[:size] > high:
+                break
+            yield ts, text
 
 
 def _harvested_lines(
-    paths: Sequence[str], since: datetime | None, until: datetime | None, exact: bool
+    files: Sequence[typing.BinaryIO], since: datetime | None, until: datetime | None, exact: bool
 ) -> Iterator[bytes]:
-    streams = [_read_harvested(p, since, until, exact) for p in paths]
+    streams = [_read_harvested(f, since, until, exact) for f in files]
     for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
         yield text
 
@@ -1764,6 +1924,8 @@ class _Docker:
 
 def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
     """Why logs could not be recorded, and what fixes it."""
+    if isinstance(error, UnsafeStateError):
+        return str(error), "until then they stay in the container"
     if isinstance(error, OSError) and not isinstance(error, requests.exceptions.RequestException):
         return f"{error.strerror or error} in {log_dir}", "free space there or make it writable"
     if isinstance(error, docker.errors.APIError) and (
@@ -1779,19 +1941,32 @@ def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
 
 class _LogDir:
     """``<state_dir>/<session>.logs``: a directory an app, holding its start lock, the marker
-    that says its containers started, and each replica's harvested ``<role>.<id>.<stream>`` files."""
+    that says its containers started, and each replica's harvested ``<role>.<id>.<stream>`` files.
 
-    def __init__(self, state_dir: str, session_name: str) -> None:
-        self.root = os.path.join(state_dir, f"{session_name}.logs")
+    Each is opened through the state directory's descriptor, refusing symlinks.
+    """
+
+    def __init__(self, state: _Dir, session_name: str) -> None:
+        self._state, self._name = state, f"{session_name}.logs"
+        self.root = state.where(self._name)
         self._warned: set[tuple[str, str]] = set()
 
     def app_dir(self, app_id: str) -> str:
+        return os.path.join(self.root, self._checked(app_id))
+
+    @staticmethod
+    def _checked(app_id: str) -> str:
         if not _CONTAINER_NAME.fullmatch(app_id):  # it names a directory: no separators, no '..'
             raise ValueError(f"app id {app_id!r} cannot name a log directory")
-        return os.path.join(self.root, app_id)
+        return app_id
 
-    def _file(self, app_id: str, rep: ReplicaRecord, stream: str) -> str:
-        return os.path.join(self.app_dir(app_id), f"{rep.role}.{rep.id}.{stream}")
+    def _app(self, app_id: str, create: bool = False) -> _Dir:
+        with self._state.subdir(self._name, create) as root:
+            return root.subdir(self._checked(app_id), create)
+
+    @staticmethod
+    def _file(rep: ReplicaRecord, stream: str) -> str:
+        return f"{rep.role}.{rep.id}.{stream}"
 
     def lock_start(self, app_id: str) -> contextlib.ExitStack:
         """Takes the app's start lock, which readers test to leave a starting record alone.
@@ -1799,42 +1974,47 @@ class _LogDir:
         The lock is a ``flock`` on the app's directory, so it dies with the process
         that holds it; it is released when the returned stack closes.
         """
-        _make_private_dirs(self.app_dir(app_id))
-        fd = os.open(self.app_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
         held = contextlib.ExitStack()
-        held.callback(os.close, fd)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        app = held.enter_context(self._app(app_id, create=True))
+        fcntl.flock(app.fd, fcntl.LOCK_EX)
         return held
 
     def start_in_progress(self, app_id: str) -> bool:
         try:
-            fd = os.open(self.app_dir(app_id), os.O_RDONLY | os.O_DIRECTORY)
+            app = self._app(app_id)
         except OSError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        with app:
+            try:
+                fcntl.flock(app.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
         return False
 
     def mark_started(self, app_id: str) -> None:
         # Without it, a replica that vanishes reads "never created".
-        with contextlib.suppress(OSError):
-            os.close(os.open(os.path.join(self.app_dir(app_id), _STARTED), os.O_CREAT | os.O_WRONLY, 0o600))
+        with contextlib.suppress(OSError), self._app(app_id) as app:
+            fd = app.create(_STARTED)
+            if fd is not None:
+                os.close(fd)
 
     def started(self, app_id: str) -> bool:
-        return os.path.exists(os.path.join(self.app_dir(app_id), _STARTED))
+        try:
+            with self._app(app_id) as app:
+                return app.stat(_STARTED) is not None
+        except OSError:
+            return False
 
     def write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> bool:
         """Writes a replica's stdout and stderr frames to its two files, each whole or not at all.
 
-        Returns whether the engine's timestamps were exact (see :py:func:`_within`).
+        Temporary files that killed writers left are removed first. Returns
+        whether the engine's timestamps were exact (see :py:func:`_within`).
         """
-        _make_private_dirs(self.app_dir(app_id))
-        dests = {_STDOUT: self._file(app_id, rep, "stdout"), _STDERR: self._file(app_id, rep, "stderr")}
-        return _write_streams(frames, dests)
+        self._state.sweep()
+        with self._app(app_id, create=True) as app:
+            names = {_STDOUT: self._file(rep, "stdout"), _STDERR: self._file(rep, "stderr")}
+            return _write_streams(frames, self._state, app, names)
 
     def harvest(self, docker_: _Docker, app_id: str, rep: ReplicaRecord) -> _End:
         """Streams an ended replica's stdout and stderr from Docker to its files.
@@ -1853,9 +2033,9 @@ class _LogDir:
             _warn_once(
                 self._warned,
                 (rep.name, reason),
-                "could not record the logs of container %s (%s): its exit code is recorded and the "
-                "container is kept until they are; %s. The next describe, list, log_iter or close "
-                "tries again",
+                # Said before the exit code is written: whether that worked, its own warning says.
+                "could not record the logs of container %s (%s): the container is kept until they "
+                "are; %s. The next describe, list, log_iter or close tries again",
                 rep.name,
                 reason,
                 fix,
@@ -1871,18 +2051,39 @@ class _LogDir:
         since: datetime | None,
         until: datetime | None,
     ) -> Iterator[bytes]:
-        """The harvested lines of ``streams``, merged in time order, within ``since`` and ``until``."""
-        paths = [self._file(app_id, rep, s) for s in streams]
-        return _harvested_lines(paths, since, until, rep.exact_stamps)
+        """The harvested lines of ``streams``, merged in time order, within ``since`` and ``until``.
+
+        Raises:
+            FileNotFoundError: when a harvested file is gone (removed by hand).
+        """
+        with self._app(app_id) as app, contextlib.ExitStack() as opened:
+            files = [opened.enter_context(os.fdopen(app.open(self._file(rep, s)), "rb")) for s in streams]
+            opened.pop_all()  # the reader closes them
+        return _harvested_lines(files, since, until, rep.exact_stamps)
 
     def discard(self, app_id: str) -> None:
         """Removes the app's directory if it is empty, as a schedule that recorded nothing leaves it."""
-        with contextlib.suppress(OSError):
-            os.rmdir(self.app_dir(app_id))
+        with contextlib.suppress(OSError), self._state.subdir(self._name) as root:
+            os.rmdir(self._checked(app_id), dir_fd=root.fd)
+
+    def check(self, app_id: str) -> None:
+        """Raises :py:class:`UnsafeStateError` if the app's log directory, or the one above, is a symlink."""
+        with contextlib.suppress(FileNotFoundError), self._app(app_id):
+            pass
 
     def remove(self, app_id: str) -> None:
-        if _CONTAINER_NAME.fullmatch(app_id):
-            shutil.rmtree(self.app_dir(app_id), ignore_errors=True)
+        """Removes the app's harvested logs; a symlink where they should be is refused, not followed."""
+        if not _CONTAINER_NAME.fullmatch(app_id):
+            return
+        try:
+            with self._state.subdir(self._name) as root:
+                root.remove_dir(app_id)
+        except FileNotFoundError:
+            return
+        except UnsafeStateError:
+            raise
+        except OSError as e:
+            log.warning("could not remove the logs of app %s in %s: %s", app_id, self.root, e)
 
 
 # ---------------------------------------------------------------------------
@@ -2140,9 +2341,10 @@ class PersistentDockerScheduler(DockerScheduler):
         _check_session_name(session_name)
         super().__init__(session_name)
         self.detach = detach
-        self.state_dir, self._state_dir_source = _resolve_state_dir(state_dir)
-        self._store = _SessionStore(self.state_dir, session_name, self._rebuild_from_docker)
-        self._logs = _LogDir(self.state_dir, session_name)
+        self._state, self._state_dir_source = _open_state_dir(state_dir)
+        self.state_dir = self._state.path
+        self._store = _SessionStore(self._state, session_name, self._rebuild_from_docker)
+        self._logs = _LogDir(self._state, session_name)
         self._docker = _Docker()
         self._ours = _Ownership(self._docker, session_name, lambda: self._state_dir_id)
         self._scheduled: list[str] = []
@@ -2164,7 +2366,7 @@ class PersistentDockerScheduler(DockerScheduler):
     @functools.cached_property
     def _state_dir_id(self) -> str:
         try:
-            return _state_dir_identity(self.state_dir)
+            return _state_dir_identity(self._state)
         except OSError as e:
             raise self._nothing_started(e, f"record the state directory's identity in {IDENTITY_FILE}") from e
 
@@ -2576,6 +2778,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
             )
             return
+        self._logs.check(app_id)  # a symlink is refused before anything is removed
         running = [
             _container_name(c) for c in containers if c["State"] not in _ENDED | {"created", "configured"}
         ]

@@ -328,7 +328,7 @@ def test_records_are_replaced_never_mutated_and_read_back_whole() -> None:
 
 
 def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> None:
-    store = docker_scheduler._SessionStore(str(tmp_path), "s", dict)
+    store = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
     with store.update() as apps:
         apps["a"] = dataclasses.replace(_record(), app_id="a")
         apps["b"] = dataclasses.replace(_record(), app_id="b")
@@ -336,7 +336,7 @@ def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> No
     with store.update() as apps:
         apps["b"] = apps["b"].with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
     assert store._entries["a"][2] is blob  # not pickled again
-    fresh = docker_scheduler._SessionStore(str(tmp_path), "s", dict)
+    fresh = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
     assert [(app_id, state) for app_id, state in fresh.summaries()] == [("a", None), ("b", "FAILED")]
     assert fresh._records == {}  # nothing decoded until asked
     assert fresh.get("b").replicas[0].exit_code == 1 and set(fresh._records) == {"b"}
@@ -355,9 +355,11 @@ def test_a_raw_tty_log_split_mid_line_is_harvested_whole(tmp_path: Path) -> None
         (1, T1 + b" hello world\n"),
         (1, T2 + b" second line\n"),
     ]
-    dests = {1: str(tmp_path / "out"), 2: str(tmp_path / "err")}
-    docker_scheduler._write_streams(docker_scheduler._frames(iter(blocks)), dests)
+    with docker_scheduler._open_private_dir(str(tmp_path)) as held:
+        names = {1: "out", 2: "err"}
+        docker_scheduler._write_streams(docker_scheduler._frames(iter(blocks)), held, held, names)
     assert (tmp_path / "out").read_bytes() == T1 + b" hello world\n" + T2 + b" second line\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "out"]  # no temporary file left
 
 
 def test_a_multiplexed_log_whose_first_block_is_short_is_demultiplexed() -> None:
@@ -2139,6 +2141,142 @@ def test_state_others_could_write_is_refused(
         os.chmod(target, 0o700 if what.startswith("dir") else 0o600)
 
 
+def test_a_state_dir_swapped_for_a_symlink_after_construction_leads_nowhere(
+    make: Callable[..., PersistentDockerScheduler], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    scheduler = make(state_dir=str(state))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state.rename(tmp_path / "held")
+    state.symlink_to(elsewhere)  # what another owner of the parent could do
+    app_id = submit(scheduler, role("r", "echo hi"))
+    assert wait_for(scheduler, app_id).state == AppState.SUCCEEDED
+    assert list(elsewhere.iterdir()) == []  # nothing written where the path now leads
+    held = tmp_path / "held"
+    assert (held / f"{scheduler.session_name}.pickle").is_file()
+    assert (held / f"{scheduler.session_name}.logs" / app_id / "r.0.stdout").read_bytes().endswith(b" hi\n")
+    assert list(scheduler.log_iter(app_id, "r")) == ["hi\n"]
+
+
+@pytest.mark.parametrize("what", ["pickle", "lock", "logs"])
+def test_a_symlink_where_the_state_dir_keeps_its_own_file_is_refused(
+    what: str, make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, tmp_path: Path
+) -> None:
+    scheduler = make()
+    session = scheduler.session_name
+    done = submit(scheduler, role("r", "echo mine"))
+    assert wait_for(scheduler, done).state == AppState.SUCCEEDED
+    victim = tmp_path / "victim"
+    (victim / done).mkdir(parents=True)
+    (victim / done / "r.0.stdout").write_text("theirs\n")
+    (victim / "target.pickle").write_bytes(pickle.dumps({"format": 3, "session": session, "apps": {}}))
+    link = Path(scheduler.state_dir) / f"{session}.{what}"
+    link.rename(link.with_name(link.name + ".aside"))
+    link.symlink_to(
+        victim / ("target.pickle" if what == "pickle" else "target.lock" if what == "lock" else "")
+    )
+    fresh = PersistentDockerScheduler(session, state_dir=scheduler.state_dir)
+    with pytest.raises(PermissionError) as raised:
+        if what == "pickle":
+            fresh.describe(done)
+        elif what == "lock":
+            submit(fresh, role("r", "true"))
+        else:
+            fresh.delete(done)
+    assert f"refusing {link}: it is a symbolic link" in str(raised.value)
+    assert "Fix: remove it or move it aside" in str(raised.value)
+    assert (victim / done / "r.0.stdout").read_text() == "theirs\n"  # nothing followed through it
+    assert sorted(p.name for p in victim.iterdir()) == [done, "target.pickle"]  # no lock file made there
+    assert container_names(client, done) == [f"{done}-r-0"]
+    if what == "lock":  # nothing started either
+        assert [
+            c.name for c in client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
+        ] == [f"{done}-r-0"]
+
+
+def test_parents_others_could_change_are_refused_and_sticky_ones_allowed(tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("giving a directory to another owner needs root")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError) as raised:
+        PersistentDockerScheduler("s", state_dir=str(shared / "state"))
+    message = str(raised.value)
+    assert (
+        f"{shared}, a parent of the state directory {shared / 'state'}, is writable by group or others"
+        in message
+    )
+    assert "Fix: use a state_dir whose parents are owned by you or root" in message
+    assert not (shared / "state").exists()  # refused before anything was made
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(
+        PermissionError, match=f"{theirs}, a parent of the state directory .* is owned by uid 65534"
+    ):
+        PersistentDockerScheduler("s", state_dir=str(theirs / "state"))
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot swap what is yours in it
+    assert PersistentDockerScheduler("s", state_dir=str(shared / "state")).state_dir == str(shared / "state")
+    with pytest.raises(PermissionError) as raised:
+        PersistentDockerScheduler("s", state_dir=str(shared))
+    assert f"{shared} is a shared directory (mode 1777)" in str(raised.value)
+    assert f"use a private directory under it, e.g. state_dir=$(mktemp -d -p {shared})" in str(raised.value)
+    assert "chmod" not in str(raised.value)
+
+
+PAUSED_HARVEST = """
+import os, sys, time
+import docker_scheduler
+from docker_scheduler import PersistentDockerScheduler
+real = docker_scheduler._frames
+
+def paused(blocks):  # stops mid-harvest, once a temporary file holds part of the log
+    for i, frame in enumerate(real(blocks)):
+        yield frame
+        if i == 1000:
+            print("mid-harvest", flush=True)
+            time.sleep(300)
+
+docker_scheduler._frames = paused
+session, state_dir, app_id = sys.argv[1:]
+PersistentDockerScheduler(session, state_dir=state_dir).describe(app_id)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_temporary_files_of_a_killed_harvest_are_swept_by_the_next_write(
+    sig: signal.Signals, make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    lines = "i=0; while [ $i -lt 5000 ]; do echo line-$i; i=$((i+1)); done"
+    app_id = submit(scheduler, role("r", lines))
+    wait_exited(client, app_id)
+    state = Path(scheduler.state_dir)
+    harvester = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_HARVEST, scheduler.session_name, str(state), app_id],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert harvester.stdout is not None and harvester.stdout.readline() == "mid-harvest\n"
+        temps = sorted(p.name for p in state.glob(".*.tmp"))
+        assert len(temps) == 2  # stdout and stderr, on their way
+        submit(scheduler, role("r", "true"))  # a write while the harvester lives leaves its files alone
+        assert sorted(p.name for p in state.glob(".*.tmp")) == temps
+    finally:
+        harvester.send_signal(sig)
+        harvester.wait(timeout=30)
+    assert sorted(p.name for p in state.glob(".*.tmp")) == temps  # a killed writer cleans nothing up
+    desc = scheduler.describe(app_id)  # the next write: this process's harvest
+    assert desc.state == AppState.SUCCEEDED and "logs not recorded" not in desc.msg
+    assert list(state.glob(".*.tmp")) == []
+    logs = list(scheduler.log_iter(app_id, "r"))
+    assert len(logs) == 5000 and logs[-1] == "line-4999\n"
+
+
 @pytest.mark.parametrize("endpoint", ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:9"])
 def test_docker_unreachable_fails_clearly_and_records_stay_readable(
     endpoint: str, make: Callable[..., PersistentDockerScheduler]
@@ -2552,6 +2690,7 @@ def test_a_full_disk_keeps_the_state_and_the_container_until_logs_fit(
         assert desc.state == AppState.FAILED and "code 3" in desc.msg and "No space left" in desc.msg
         assert [a.state for a in scheduler.list()] == [AppState.FAILED]
     assert "No space left on device" in caplog.text and "free space there" in caplog.text
+    assert [p for p in Path(disk).rglob("*") if p.name.endswith(".tmp")] == []  # no partial copy left
     assert container_names(client, app_id) == [f"{app_id}-r-0"]
     assert make(session=scheduler.session_name, state_dir=disk).describe(app_id).state == AppState.FAILED
     live = list(scheduler.log_iter(app_id, "r"))  # served from Docker while the container is kept
