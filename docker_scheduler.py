@@ -1799,12 +1799,17 @@ class _Docker:
         self._each(names, lambda api, name: api.remove_container(name, force=True))
 
     def _each(self, names: Sequence[str], call: Callable[[Any, str], object]) -> None:
-        """``call(api, name)`` for each container, side by side; one that is gone counts as done."""
+        """``call(api, name)`` for each container, side by side; one gone, or going, counts as done."""
         api = self.client.api
 
         def one(name: str) -> None:
-            with contextlib.suppress(NotFound):
+            try:
                 call(api, name)
+            except NotFound:
+                pass
+            except docker.errors.APIError as e:  # another process removes it: as good as done
+                if e.status_code != 409 or "already in progress" not in str(e.explanation):
+                    raise
 
         with _reaching_docker():
             _fan_out(one, names)

@@ -33,6 +33,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -2275,6 +2276,18 @@ def test_temporary_files_of_a_killed_harvest_are_swept_by_the_next_write(
     assert list(state.glob(".*.tmp")) == []
     logs = list(scheduler.log_iter(app_id, "r"))
     assert len(logs) == 5000 and logs[-1] == "line-4999\n"
+
+
+def test_a_removal_already_in_progress_counts_as_removed(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "true", replicas=4))
+    wait_exited(client, app_id)
+    names = container_names(client, app_id)
+    with ThreadPoolExecutor(8) as pool:  # eight removals of four containers, side by side
+        list(pool.map(lambda _: scheduler._docker.remove(names), range(8)))
+    assert container_names(client, app_id) == []
 
 
 @pytest.mark.parametrize("endpoint", ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:9"])
