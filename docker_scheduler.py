@@ -2703,9 +2703,39 @@ class PersistentDockerScheduler(DockerScheduler):
                 log.warning("Docker cannot serve the logs of %s: %s", rep.name, e.explanation or e)
                 return iter(())
         if rep.logs == "recorded":
-            return self._logs.lines(app_id, rep, wanted, since=since, until=until)
+            try:
+                return self._logs.lines(app_id, rep, wanted, since=since, until=until)
+            except FileNotFoundError:
+                return self._harvested_again(app_id, rep, wanted, since, until)
         log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
         return iter(())
+
+    def _harvested_again(
+        self,
+        app_id: str,
+        rep: ReplicaRecord,
+        wanted: Sequence[str],
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Iterator[bytes]:
+        """Logs whose harvested files were removed by hand: harvested again while the container is kept."""
+        where = self._logs.app_dir(app_id)
+        if self._docker.inspect(rep.name) is None:
+            log.warning(
+                "the logs of %s are gone: their files in %s were removed, and so was its container",
+                rep.name,
+                where,
+            )
+            return iter(())
+        log.warning(
+            "the log files of %s in %s were removed; reading them again from its container", rep.name, where
+        )
+        end = self._logs.harvest(self._docker, app_id, rep)
+        if end["logs"] != "recorded":  # could not write them: serve them from Docker
+            return self._docker.lines(rep.name, wanted, since, until, False)
+        return self._logs.lines(
+            app_id, dataclasses.replace(rep, exact_stamps=end["exact_stamps"]), wanted, since, until
+        )
 
     def _find_replica(self, app_id: str, role_name: str, k: int) -> tuple[AppRecord, bool, ReplicaRecord]:
         """The app's record, whether the session file holds it, and the replica."""

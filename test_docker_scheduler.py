@@ -803,6 +803,30 @@ def test_logs_of_a_container_removed_before_they_were_read_are_reported_lost(
     assert desc.state == AppState.FAILED and "vanished before its exit code could be read" in desc.msg
 
 
+def test_harvested_logs_removed_by_hand_are_read_again_or_reported_gone(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    app_id = submit(scheduler, role("r", "echo out; echo err >&2"))
+    assert wait_for(scheduler, app_id).state == AppState.SUCCEEDED  # harvested; the container is kept
+    app_dir = Path(scheduler.state_dir) / f"{scheduler.session_name}.logs" / app_id
+    for f in app_dir.glob("r.0.*"):
+        f.unlink()
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert sorted(scheduler.log_iter(app_id, "r")) == ["err\n", "out\n"]
+    assert "were removed; reading them again from its container" in caplog.text
+    assert (app_dir / "r.0.stdout").read_bytes().endswith(b" out\n")  # and recorded again
+    remove_app_containers(client, app_id)
+    (app_dir / "r.0.stderr").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert list(scheduler.log_iter(app_id, "r")) == []
+    assert f"the logs of {app_id}-r-0 are gone" in caplog.text and str(app_dir) in caplog.text
+    assert scheduler.describe(app_id).state == AppState.SUCCEEDED  # its exit code is still recorded
+
+
 def test_log_iter_names_the_valid_roles_and_replicas(make: Callable[..., PersistentDockerScheduler]) -> None:
     scheduler = make()
     app_id = submit(scheduler, role("a", "true", replicas=2), role("b", "true"))
