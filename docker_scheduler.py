@@ -828,10 +828,23 @@ def _replica(record: AppRecord, role_name: str, k: int) -> ReplicaRecord:
     )
 
 
+def _scrubbed(text: str, env: Mapping[str, str] | Iterable[str] | None) -> str:
+    """``text`` with each ``KEY=value`` entry of ``env`` as ``KEY=***``: Docker's errors can echo an
+    entry whole, and ``describe().msg`` goes to logs and screens. (A bare value is left alone: torchx
+    sets some to what the request shows anyway, such as the image.)"""
+    entries = [f"{k}={v}" for k, v in env.items()] if isinstance(env, Mapping) else list(env or ())
+    for key in {entry.partition("=")[0] for entry in entries}:
+        hidden = f"{key}=***".replace("\\", "\\\\")  # a template: its backslashes escaped
+        # the value runs to the quote Docker puts around the entry, or to the line's end
+        text = re.sub(rf"(?<![\w.-]){re.escape(key)}=[^\"\n]*", hidden, text)
+    return text
+
+
 def _start_failure(container: DockerContainer, error: BaseException) -> str:
     labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
     replica, role = labels[LABEL_REPLICA_ID], labels[LABEL_ROLE_NAME]
-    return f"could not start replica {replica} of role {role!r} from image {container.image!r}: {error}"
+    reason = f"could not start replica {replica} of role {role!r} from image {container.image!r}: {error}"
+    return _scrubbed(reason, container.kwargs.get("environment"))  # type: ignore[arg-type]
 
 
 def _start_failed(record: AppRecord, reason: str) -> AppRecord:
@@ -2247,7 +2260,7 @@ def _exit_end(inspected: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     notes = ["out of memory"] if state.get("OOMKilled") else []
     if state.get("Error"):
-        notes.append(str(state["Error"]))
+        notes.append(_scrubbed(str(state["Error"]), (inspected.get("Config") or {}).get("Env")))
     return {
         "exit_code": int(state["ExitCode"]),
         "exit_note": "; ".join(notes),

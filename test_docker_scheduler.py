@@ -2314,6 +2314,24 @@ def test_a_removal_already_in_progress_counts_as_removed(
     assert container_names(client, app_id) == []
 
 
+def test_env_values_never_reach_describe_msg(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    scheduler = make()
+    secret = "s3cret-token-value"
+    # A NUL in a value: Docker creates the container, then fails to start it, echoing the entry.
+    app = specs.AppDef("leak", roles=[role("r", "true", env={"TOKEN": f"{secret}\x00", "OTHER": secret})])
+    with pytest.raises(RuntimeError) as raised:
+        scheduler.submit(app, CFG)
+    assert "TOKEN=***" in str(raised.value) and secret not in str(raised.value)
+    (app_id,) = [a.app_id for a in scheduler.list()]
+    desc = scheduler.describe(app_id)
+    assert desc.state == AppState.FAILED and "TOKEN=***" in desc.msg and secret not in desc.msg
+    recorded = make(session=scheduler.session_name).describe(app_id).msg  # as the record holds it
+    assert "TOKEN=***" in recorded and secret not in recorded
+    assert container_names(client, app_id) == []
+
+
 @pytest.mark.parametrize("endpoint", ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:9"])
 def test_docker_unreachable_fails_clearly_and_records_stay_readable(
     endpoint: str, make: Callable[..., PersistentDockerScheduler]
