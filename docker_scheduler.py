@@ -60,6 +60,7 @@ import pickle
 import re
 import stat
 import struct
+import tempfile
 import threading
 import time
 import types
@@ -87,10 +88,10 @@ from torchx.schedulers.docker_scheduler import (
     LABEL_APP_ID,
     LABEL_REPLICA_ID,
     LABEL_ROLE_NAME,
+    NETWORK,
     DockerContainer,
     DockerJob,
     DockerScheduler,
-    ensure_network,
 )
 from torchx.specs.api import (
     AppDef,
@@ -1738,6 +1739,51 @@ class _PullProgress:
         return f"{len(self.done)}/{len(self.layers)} layers done, {have / 1e6:.1f}/{total / 1e6:.1f} MB"
 
 
+#: torchx's lock around making its network (``ensure_network``): taking the same one serializes the two.
+_NETWORK_LOCK = os.path.join(tempfile.gettempdir(), "torchx_docker_network_lock")
+
+
+@contextlib.contextmanager
+def _network_lock(timeout: float = 10) -> Iterator[None]:
+    """Holds torchx's network lock, or goes on without it, saying why, when it cannot be had.
+
+    ``flock`` needs no write access, so a lock file another user made serves too.
+    """
+    try:
+        fd = _open_or_create(_NETWORK_LOCK)
+    except OSError as e:
+        log.info("making torchx's network without its lock: cannot open %s (%s)", _NETWORK_LOCK, e)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "making torchx's network without its lock: %s is held for %ds", _NETWORK_LOCK, timeout
+                    )
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_or_create(path: str) -> int:
+    """``path`` opened read-only, made (0644, as torchx's lock) if missing; never through a symlink."""
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(path, os.O_RDONLY | _OPEN)
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | _OPEN, 0o644)
+            os.fchmod(fd, 0o644)
+            return fd
+
+
 class _Docker:
     """The Docker daemon as this module uses it: one lazily made client, containers found by
     label, creation with rollback, stop and remove side by side, images, and log bodies.
@@ -1857,7 +1903,23 @@ class _Docker:
             for image in sorted(images):
                 if not image.startswith("sha256:"):  # an id names a local image: nothing to pull
                     self._prepare_image(image, policy)
-            ensure_network(self.client)
+            self.ensure_network()
+
+    def ensure_network(self, name: str = NETWORK) -> None:
+        """Makes torchx's network unless it exists, under torchx's lock.
+
+        Unlike torchx's ``ensure_network``, it takes the lock only to make the
+        network, and opens the lock file read-only: so another user's run that
+        made the file first does not stop this one.
+        """
+        if any(n.get("Name") == name for n in self.client.api.networks(names=[name])):
+            return
+        with _network_lock():
+            try:
+                self.client.api.create_network(name, driver="bridge", check_duplicate=True)
+            except docker.errors.APIError as e:
+                if "already exists" not in str(e):
+                    raise
 
     def _prepare_image(self, image: str, policy: str) -> None:
         if policy == "always":

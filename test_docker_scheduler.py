@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import pwd
 import re
 import shlex
 import shutil
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -2330,6 +2332,103 @@ def test_env_values_never_reach_describe_msg(
     recorded = make(session=scheduler.session_name).describe(app_id).msg  # as the record holds it
     assert "TOKEN=***" in recorded and secret not in recorded
     assert container_names(client, app_id) == []
+
+
+SECOND_USER = """
+import json, sys
+from torchx import specs
+from docker_scheduler import PersistentDockerScheduler
+session, state_dir, network = sys.argv[1:]
+s = PersistentDockerScheduler(session, state_dir=state_dir)
+second = specs.Role("r", image="busybox:latest", entrypoint="echo", args=["second"])
+app = specs.AppDef("second", roles=[second])
+app_id = s.submit(app, {"image_pull": "missing"})
+state = s.wait(app_id, timeout=60).state.name
+s._docker.ensure_network(network)  # a network nobody made yet: through torchx's lock, root's file
+print(json.dumps([app_id, state, list(s.log_iter(app_id, "r"))]))
+"""
+
+
+@pytest.fixture
+def second_user(client: docker.DockerClient, tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """A real second local user in the ``docker`` group, a directory of theirs, and the command that
+    runs this interpreter as them (read-only bind mounts lend them it and its packages)."""
+    if os.getuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
+        if CI:
+            pytest.fail("CI=true and a second user cannot be made: run as root with useradd and runuser")
+        pytest.skip("making a second local user needs root, useradd and runuser")
+    if is_podman(client):
+        pytest.skip("the second user reaches dockerd's socket through the docker group; Podman's is root's")
+    name = f"ds{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "-M", "-G", "docker", "-d", "/nonexistent", name], check=True)
+    base = Path(tempfile.mkdtemp(prefix="docker-scheduler-second-", dir="/tmp"))
+    mounts: list[Path] = []
+    try:
+        base.chmod(0o755)
+        lent = {"python": Path(sys.base_prefix), "site": Path(sysconfig.get_paths()["purelib"])}
+        for where, source in lent.items():
+            (base / where).mkdir()
+            subprocess.run(["mount", "--bind", str(source), str(base / where)], check=True)
+            mounts.append(base / where)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(base / where)], check=True)
+        (base / "pkg").mkdir()
+        shutil.copy(ROOT / "docker_scheduler.py", base / "pkg")
+        home = base / "home"
+        home.mkdir(mode=0o700)
+        shutil.chown(home, name, name)
+        python = base / "python" / "bin" / Path(sys.executable).resolve().name
+        env = [
+            f"PYTHONPATH={base / 'pkg'}:{base / 'site'}",
+            f"LD_LIBRARY_PATH={base / 'python' / 'lib'}",
+            f"HOME={home}",
+            "PATH=/usr/bin:/bin",
+        ]
+        yield name, home, ["runuser", "-u", name, "--", "env", "-i", *env, str(python)]
+    finally:
+        for mount in reversed(mounts):
+            subprocess.run(["umount", str(mount)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["userdel", name], check=False)
+
+
+def test_a_second_local_user_submits_after_root_and_cannot_swap_roots_state(
+    second_user: tuple[str, Path, list[str]],
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+) -> None:
+    name, home, run_as = second_user
+    lock = Path(tempfile.gettempdir()) / "torchx_docker_network_lock"
+    made_lock = not lock.exists()
+    if made_lock:  # as torchx leaves it after root's first run
+        lock.touch(mode=0o644)
+    session, network = f"second-{uuid.uuid4().hex[:8]}", f"docker-scheduler-test-{uuid.uuid4().hex[:8]}"
+    try:
+        assert lock.stat().st_uid == 0 and stat.S_IMODE(lock.stat().st_mode) == 0o644
+        root_app = submit(make(), role("r", "echo root"))  # root runs first
+        done = subprocess.run(
+            [*run_as, "-c", SECOND_USER, session, str(home / "state"), network],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr
+        app_id, state, logs = json.loads(done.stdout.strip().splitlines()[-1])
+        assert state == "SUCCEEDED" and logs == ["second\n"]
+        assert container_names(client, app_id) == [f"{app_id}-r-0"]
+        assert [n.name for n in client.networks.list(names=[network])] == [network]
+        assert (home / "state").stat().st_uid == pwd.getpwnam(name).pw_uid
+        # Root refuses a state directory under one the second user owns: they could swap it.
+        with pytest.raises(PermissionError, match=f"{home}, a parent of the state directory"):
+            PersistentDockerScheduler("s", state_dir=str(home / "state" / "root"))
+        assert not (home / "state" / "root").exists()
+        wait_exited(client, root_app)
+    finally:
+        remove_session_containers(client, session)
+        for net in client.networks.list(names=[network]):
+            if net.name == network:
+                net.remove()
+        if made_lock:
+            lock.unlink()
 
 
 @pytest.mark.parametrize("endpoint", ["unix:///nonexistent/docker.sock", "tcp://127.0.0.1:9"])
