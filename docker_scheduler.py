@@ -907,7 +907,6 @@ def _describe_record(
 # path swapped later leads nowhere.
 
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
-_MAX_SYMLINKS = 40
 #: Temporary files, of session writes and log harvests alike; see :py:meth:`_Dir.sweep`.
 _TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{16}\.tmp")
 
@@ -978,6 +977,9 @@ class _Dir:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._closer()
 
     def where(self, name: str) -> str:
@@ -1143,10 +1145,14 @@ def _open_private_dir(path: str) -> _Dir:
     current = _Dir(os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "/")
     parts = [part for part in real.split(os.sep) if part]
     for part in parts:
-        _check_parent(current.path, os.fstat(current.fd), real)
-        with current:
+        with current:  # closes the parent once its child is open, or on a refusal
+            _check_parent(current.path, os.fstat(current.fd), real)
             current = current.subdir(part, create=True)
-    _check_private(current.path, os.fstat(current.fd))
+    try:
+        _check_private(current.path, os.fstat(current.fd))
+    except BaseException:
+        current.close()
+        raise
     return current
 
 
