@@ -833,8 +833,8 @@ def _scrubbed(text: str, env: Mapping[str, str] | Iterable[str] | None) -> str:
     """``text`` with each ``KEY=value`` entry of ``env`` as ``KEY=***``: Docker's errors can echo an
     entry whole, and ``describe().msg`` goes to logs and screens. (A bare value is left alone: torchx
     sets some to what the request shows anyway, such as the image.)"""
-    entries = [f"{k}={v}" for k, v in env.items()] if isinstance(env, Mapping) else list(env or ())
-    for key in {entry.partition("=")[0] for entry in entries}:
+    keys = env.keys() if isinstance(env, Mapping) else {entry.partition("=")[0] for entry in env or ()}
+    for key in keys:
         hidden = f"{key}=***".replace("\\", "\\\\")  # a template: its backslashes escaped
         # the value runs to the quote Docker puts around the entry, or to the line's end
         text = re.sub(rf"(?<![\w.-]){re.escape(key)}=[^\"\n]*", hidden, text)
@@ -985,10 +985,10 @@ class _Dir:
     def where(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def open(self, name: str, flags: int = os.O_RDONLY) -> int:
+    def open(self, name: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
         """Opens ``name``, refusing a symlink."""
         try:
-            return os.open(name, flags | _OPEN, 0o600, dir_fd=self.fd)
+            return os.open(name, flags | _OPEN, mode, dir_fd=self.fd)
         except OSError as e:
             # O_DIRECTORY makes a symlink ENOTDIR, not ELOOP
             st = self.stat(name) if e.errno == errno.ENOTDIR else None
@@ -996,13 +996,13 @@ class _Dir:
                 raise _symlink_refused(self.where(name)) from e
             raise
 
-    def create(self, name: str, flags: int = os.O_WRONLY) -> int | None:
-        """Creates ``name`` with mode 0600; None when it exists."""
+    def create(self, name: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int | None:
+        """Creates ``name`` with ``mode``; None when it exists."""
         try:
-            fd = self.open(name, flags | os.O_CREAT | os.O_EXCL)
+            fd = self.open(name, flags | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             return None
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         return fd
 
     def stat(self, name: str) -> os.stat_result | None:
@@ -1030,14 +1030,14 @@ class _Dir:
     def replace(self, name: str, into: _Dir, new_name: str) -> None:
         os.replace(name, new_name, src_dir_fd=self.fd, dst_dir_fd=into.fd)
 
-    def lock_file(self, name: str) -> int:
-        """``name`` opened for locking, made 0600 if missing."""
+    def lock_file(self, name: str, flags: int = os.O_RDWR, mode: int = 0o600) -> int:
+        """``name`` opened for locking, made with ``mode`` if missing."""
         while True:
-            fd = self.create(name, os.O_RDWR)
+            fd = self.create(name, flags, mode)
             if fd is not None:
                 return fd
             with contextlib.suppress(FileNotFoundError):  # removed between the two: make it again
-                return self.open(name, os.O_RDWR)
+                return self.open(name, flags)
 
     def unlink(self, name: str) -> None:
         os.unlink(name, dir_fd=self.fd)
@@ -1745,8 +1745,9 @@ class _PullProgress:
         return f"{len(self.done)}/{len(self.layers)} layers done, {have / 1e6:.1f}/{total / 1e6:.1f} MB"
 
 
-#: torchx's lock around making its network (``ensure_network``): taking the same one serializes the two.
-_NETWORK_LOCK = os.path.join(tempfile.gettempdir(), "torchx_docker_network_lock")
+#: torchx's lock around making its network (``ensure_network``), in the temporary directory:
+#: taking the same one serializes the two.
+_NETWORK_LOCK = "torchx_docker_network_lock"
 
 
 @contextlib.contextmanager
@@ -1755,10 +1756,12 @@ def _network_lock(timeout: float = 10) -> Iterator[None]:
 
     ``flock`` needs no write access, so a lock file another user made serves too.
     """
+    where = tempfile.gettempdir()
     try:
-        fd = _open_or_create(_NETWORK_LOCK)
+        with _Dir(os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), where) as tmp:
+            fd = tmp.lock_file(_NETWORK_LOCK, os.O_RDONLY, 0o644)  # the mode torchx gives it
     except OSError as e:
-        log.info("making torchx's network without its lock: cannot open %s (%s)", _NETWORK_LOCK, e)
+        log.info("making torchx's network without its lock: cannot open it in %s (%s)", where, e)
         yield
         return
     try:
@@ -1770,24 +1773,16 @@ def _network_lock(timeout: float = 10) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     log.warning(
-                        "making torchx's network without its lock: %s is held for %ds", _NETWORK_LOCK, timeout
+                        "making torchx's network without its lock: %s in %s is held for %ds",
+                        _NETWORK_LOCK,
+                        where,
+                        timeout,
                     )
                     break
                 time.sleep(0.05)
         yield
     finally:
         os.close(fd)
-
-
-def _open_or_create(path: str) -> int:
-    """``path`` opened read-only, made (0644, as torchx's lock) if missing; never through a symlink."""
-    while True:
-        with contextlib.suppress(FileNotFoundError):
-            return os.open(path, os.O_RDONLY | _OPEN)
-        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | _OPEN, 0o644)
-            os.fchmod(fd, 0o644)
-            return fd
 
 
 class _Docker:
