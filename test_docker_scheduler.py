@@ -2194,6 +2194,8 @@ def test_a_symlink_where_the_state_dir_keeps_its_own_file_is_refused(
     session = scheduler.session_name
     done = submit(scheduler, role("r", "echo mine"))
     assert wait_for(scheduler, done).state == AppState.SUCCEEDED
+    ended = submit(scheduler, role("r", "echo later"))
+    wait_exited(client, ended)  # its logs are not harvested yet
     victim = tmp_path / "victim"
     (victim / done).mkdir(parents=True)
     (victim / done / "r.0.stdout").write_text("theirs\n")
@@ -2217,9 +2219,13 @@ def test_a_symlink_where_the_state_dir_keeps_its_own_file_is_refused(
     assert sorted(p.name for p in victim.iterdir()) == [done, "target.pickle"]  # no lock file made there
     assert container_names(client, done) == [f"{done}-r-0"]
     if what == "lock":  # nothing started either
-        assert [
-            c.name for c in client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
-        ] == [f"{done}-r-0"]
+        labelled = client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
+        assert sorted(c.name for c in labelled) == sorted([f"{done}-r-0", f"{ended}-r-0"])
+    if what == "logs":  # a harvest through it is refused too: the exit code is recorded, the logs wait
+        desc = fresh.describe(ended)
+        assert desc.state == AppState.SUCCEEDED and f"logs not recorded yet (refusing {link}" in desc.msg
+        assert sorted(p.name for p in victim.iterdir()) == [done, "target.pickle"]
+        assert container_names(client, ended) == [f"{ended}-r-0"]
 
 
 def test_parents_others_could_change_are_refused_and_sticky_ones_allowed(tmp_path: Path) -> None:
