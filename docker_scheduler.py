@@ -1093,15 +1093,12 @@ class _Dir:
         was); after a failure, nothing is left."""
         into = into or self
         fd, temp = self.temp_file(name[:64])
+        f = os.fdopen(fd, "wb", buffering=_READ_SIZE)
         try:
-            f = os.fdopen(fd, "wb", buffering=_READ_SIZE)
-            try:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            finally:
-                with contextlib.suppress(OSError):  # after a failed write, closing flushes and fails again
-                    f.close()
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            # Still open, so still locked: a sweep must not take a finished file before it is in place.
             if replace:
                 self.replace(temp, into, name)
             else:
@@ -1110,6 +1107,8 @@ class _Dir:
         finally:
             with contextlib.suppress(OSError):  # replaced, or left by a failure: gone either way
                 self.unlink(temp)
+            with contextlib.suppress(OSError):  # after a failed write, closing flushes and fails again
+                f.close()
 
 
 def _chosen_state_dir(state_dir: str | None) -> tuple[str, str]:

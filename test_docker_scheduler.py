@@ -345,6 +345,23 @@ def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> No
     assert fresh.get("b").replicas[0].exit_code == 1 and set(fresh._records) == {"b"}
 
 
+def test_a_sweep_never_takes_a_finished_temporary_file_before_it_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = docker_scheduler._open_private_dir(str(tmp_path))
+    rename = docker_scheduler._Dir.replace
+
+    def swept_first(self: Any, *args: Any) -> None:  # another writer sweeps just before the rename
+        held.sweep()
+        rename(self, *args)
+
+    monkeypatch.setattr(docker_scheduler._Dir, "replace", swept_first)
+    with held, held.written("kept") as f:
+        f.write(b"whole\n")
+    assert (tmp_path / "kept").read_bytes() == b"whole\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
 # ---------------------------------------------------------------------------
 # Log harvest and reconciliation (pure: no daemon)
 # ---------------------------------------------------------------------------
