@@ -33,12 +33,11 @@ or through a torchx ``Runner``::
         handle = runner.run(app, scheduler="local_docker_persistent")
         print(runner.wait(handle, wait_interval=1))
 
-The module reads top to bottom in the order data flows: labels and constants;
-run options and input checks; records; the state directory, held open; the
-session store; the log harvest (Docker's log stream, to and from files); the
-Docker adapter; the log directory; reconciliation, which decides from a record
-and what Docker lists what to harvest and record; the scheduler, a thin torchx
-surface over them; and the factory.
+The module reads top to bottom in the order data flows, one concern a section:
+labels and constants; run options; input checks; records and the rules on them;
+the state directory; the session store; the Docker adapter; logs (harvested and
+served); ownership; reconciliation; the scheduler, a thin torchx surface over
+them; and the factory.
 """
 
 from __future__ import annotations
@@ -65,6 +64,7 @@ import threading
 import time
 import types
 import typing
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -139,9 +139,8 @@ LABEL_STATE_DIR = "docker-scheduler/state-dir"
 #: The file in a state directory that holds its identity, apart from any session file.
 IDENTITY_FILE = "state_dir.id"
 
-#: Bumped whenever the session file's shape changes; older formats stay readable.
+#: The session file's shape; a file of any other is moved aside and the session rebuilt from Docker.
 FORMAT_VERSION = 3
-_READABLE_FORMATS = (1, 2, 3)
 
 #: Environment variable naming the state directory when ``state_dir`` is not given.
 STATE_DIR_ENV = "DOCKER_SCHEDULER_STATE_DIR"
@@ -161,22 +160,13 @@ MAX_REPLICAS = 256
 
 # Docker refuses container names outside this pattern; app ids and log directories follow it too.
 _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
-# Container states as dockerd names them (torchx's map) and as Podman's API adds them.
-_CONTAINER_STATES: dict[str, AppState] = {
-    **CONTAINER_STATE,
-    "configured": AppState.SUBMITTED,
-    "initialized": AppState.PENDING,
-    "stopping": AppState.RUNNING,
-    # Podman's, between a process's end and either a restart or its clean-up to "exited".
-    "stopped": AppState.PENDING,
-}
-# States of a container that is done: its exit code is final.
-_ENDED = frozenset({"exited", "dead"})
 _ACTIVE = (AppState.SUBMITTED, AppState.PENDING, AppState.RUNNING)
 # The file in an app's log directory that says schedule() started all its containers.
 _STARTED = ".started"
 # At most this many Docker requests of one kind (create, stop, remove, harvest) run at once.
 _DOCKER_WORKERS = 8
+# Log bodies are read, and log files written, in blocks of this many bytes.
+_READ_SIZE = 1 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +412,9 @@ def _check_container_names(app: AppDef, names: Iterable[str]) -> None:
 #: log directory, failed to record (retried; the container is kept), or gone with
 #: a container removed before they were read.
 LogStatus = Literal["in_container", "recorded", "retry", "lost"]
-_LOG_STATUSES: tuple[LogStatus, ...] = ("in_container", "recorded", "retry", "lost")
+
+#: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
+_End = Mapping[str, Any]
 
 
 class _CorruptSession(Exception):
@@ -529,7 +521,7 @@ class ReplicaRecord:
     id: int
     #: the container's name (and hostname)
     name: str
-    #: None for records of format 1 and for apps known only from their containers
+    #: None for apps adopted from their containers (known only from Docker's labels)
     request: ContainerRequest | None = None
     #: set once the container ended and its exit code was read
     exit_code: int | None = None
@@ -578,7 +570,7 @@ class AppRecord:
     start_error: str = ""
     #: seconds between SIGTERM and SIGKILL when its containers are stopped
     stop_timeout: int = STOP_TIMEOUT
-    #: the Docker endpoint and the daemon's ID it was scheduled on; empty in records made before
+    #: the Docker endpoint and the daemon's ID it was scheduled on; empty for adopted apps
     engine_endpoint: str = ""
     engine_id: str = ""
 
@@ -594,10 +586,10 @@ class AppRecord:
 
     @property
     def ended_at(self) -> float:
-        """When the last replica's end was seen; records of format 1 fall back to their creation."""
+        """When the last replica's end was seen (its creation while none was)."""
         return max((rep.ended or self.created for rep in self.replicas), default=self.created)
 
-    def with_ends(self, ends: Mapping[str, Mapping[str, Any]]) -> AppRecord:
+    def with_ends(self, ends: Mapping[str, _End]) -> AppRecord:
         """This record with what was learnt of ended replicas (by container name), no longer starting.
 
         A replica already final takes only a second try at its logs.
@@ -610,36 +602,16 @@ class AppRecord:
         )
         return dataclasses.replace(self, replicas=replicas, starting=False)
 
+    def with_cancel(self) -> AppRecord:
+        """This record once a cancel was asked for: CANCELLED, unless it failed already (then it
+        stays FAILED: the failure is what ended it)."""
+        if self.start_error or any(rep.failed for rep in self.replicas):
+            return self
+        return dataclasses.replace(self, cancelled=True)
+
     def to_plain(self) -> dict[str, Any]:
         plain: dict[str, Any] = _to_plain(self)
         return plain
-
-
-def _upgraded(plain: Any) -> dict[str, Any]:
-    """A record of format 1 or 2 (one ``state`` and overloaded replica fields) in format 3's shape."""
-    data: dict[str, Any] = dict(_checked(Mapping[str, Any], plain))
-    state, msg = data.pop("state", None), data.pop("msg", "")
-    if state not in (None, "SUBMITTED", "CANCELLED", "FAILED"):
-        raise _CorruptSession(f"state {state!r} is not one a record of format 1 or 2 holds")
-    data["starting"], data["cancelled"] = state == "SUBMITTED", state == "CANCELLED"
-    data["start_error"] = str(msg) if state == "FAILED" else ""
-    data["replicas"] = [_upgraded_replica(rep) for rep in _checked(tuple[Any, ...], data.get("replicas"))]
-    return data
-
-
-def _upgraded_replica(data: Any) -> dict[str, Any]:
-    rep: dict[str, Any] = dict(_checked(Mapping[str, Any], data))
-    lost, logs, error = rep.pop("lost", False), rep.pop("logs", False), str(rep.pop("error", ""))
-    log_error = rep.get("log_error") or ""
-    final = lost or rep.get("exit_code") is not None
-    rep["vanished"] = (error or "vanished before its exit code could be read") if lost else ""
-    # The error of an exit was one or more " (...)" suffixes.
-    rep["exit_note"] = "" if lost else "; ".join(re.findall(r"\(([^()]*)\)", error))
-    rep["logs"] = "recorded" if logs else "retry" if log_error else "lost" if final else "in_container"
-    rep.setdefault("request", None)
-    rep.setdefault("ended", None)
-    rep["log_error"] = log_error
-    return rep
 
 
 # -- building records ---------------------------------------------------------
@@ -753,7 +725,7 @@ def _records_from_containers(containers: Iterable[Mapping[str, Any]]) -> dict[st
 
 
 def _job_from_record(record: AppRecord) -> DockerJob:
-    """The request as scheduled; for records of format 1, what they kept of it."""
+    """The request as scheduled; for an adopted app, what its record knows of it."""
     roles = {r.name: r for r in record.roles}
     containers = []
     for rep in record.replicas:
@@ -770,19 +742,46 @@ def _job_from_record(record: AppRecord) -> DockerJob:
 
 
 # -- states -------------------------------------------------------------------
-
-# A listed container's Status reads e.g. "Exited (137) 3 seconds ago".
+# A container's state in torchx's terms: dockerd's states as torchx maps them, and
+# the ones Podman's API adds. The one table; every reading goes through it.
+#
+#   container state                                    torchx state
+#   created, configured                                SUBMITTED
+#   restarting, paused, removing, initialized, stopped PENDING (Podman's "stopped" lies between
+#                                                      a process's end and a restart or clean-up)
+#   running, stopping                                  RUNNING
+#   exited                                             SUCCEEDED on exit code 0, else FAILED
+#   dead                                               FAILED
+#   anything else                                      UNKNOWN
+#
+# A listed container's exit code comes from its Status ("Exited (137) 3 seconds ago");
+# a recorded replica's from ``docker inspect``, once, when its end is recorded.
+_CONTAINER_STATES: dict[str, AppState] = {
+    **CONTAINER_STATE,
+    "configured": AppState.SUBMITTED,
+    "initialized": AppState.PENDING,
+    "stopped": AppState.PENDING,
+    "stopping": AppState.RUNNING,
+}
+#: States of a container that is done: its exit code is final.
+_ENDED = frozenset({"exited", "dead"})
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
 
 
-def _listed_state(container: Mapping[str, Any]) -> AppState:
-    """A container's state as ``docker ps`` lists it, its exit code read from the status text."""
+def _container_state(container: Mapping[str, Any]) -> AppState:
+    """A listed container's state in torchx's terms (see the table above)."""
     if container["State"] == "exited":
         match = _EXITED_STATUS.match(container.get("Status") or "")
         if match is None:
             return AppState.UNKNOWN
         return AppState.SUCCEEDED if int(match.group(1)) == 0 else AppState.FAILED
     return _CONTAINER_STATES.get(container["State"], AppState.UNKNOWN)
+
+
+def _to_stop(containers: Iterable[Mapping[str, Any]]) -> builtins.list[str]:
+    """The listed containers that a stop would reach: those pending or running."""
+    going = (AppState.PENDING, AppState.RUNNING)
+    return [_container_name(c) for c in containers if _container_state(c) in going]
 
 
 def _replica_state(rep: ReplicaRecord, live: Mapping[str, AppState], cancelled: bool) -> AppState:
@@ -858,6 +857,14 @@ def _start_failed(record: AppRecord, reason: str) -> AppRecord:
 def _final_state(record: AppRecord) -> str | None:
     """The state's name once nothing about the app can change any more, else None."""
     return None if record.asks_docker else _record_state(record, {}).name
+
+
+def _removable(record: AppRecord, among: Iterable[str] | None = None) -> builtins.list[str]:
+    """Containers with nothing left to read: their replica's end is recorded, and its logs are
+    recorded or lost. ``among`` narrows them to some replicas, by container name."""
+    names = None if among is None else set(among)
+    done = (rep for rep in record.replicas if rep.final and not rep.logs_pending)
+    return [rep.name for rep in done if names is None or rep.name in names]
 
 
 def _problems(record: AppRecord) -> builtins.list[str]:
@@ -965,6 +972,18 @@ def _symlink_refused(path: str) -> UnsafeStateError:
     )
 
 
+#: How often a create-or-open races another process before giving up, as ``tempfile`` does.
+_TRIES = tempfile.TMP_MAX
+
+
+def _gave_up(code: int, what: str, path: str) -> OSError:
+    return OSError(
+        code,
+        f"could not {what} {path} in {_TRIES} tries: other processes kept removing or taking it. "
+        "Fix: find what keeps changing that directory, or point state_dir elsewhere",
+    )
+
+
 class _Dir:
     """A directory held open by a descriptor: every access is relative to it, follows no symlink,
     and sets the mode of what it creates explicitly (0700 directories, 0600 files), whatever the umask."""
@@ -1032,12 +1051,13 @@ class _Dir:
 
     def lock_file(self, name: str, flags: int = os.O_RDWR, mode: int = 0o600) -> int:
         """``name`` opened for locking, made with ``mode`` if missing."""
-        while True:
+        for _ in range(_TRIES):
             fd = self.create(name, flags, mode)
             if fd is not None:
                 return fd
             with contextlib.suppress(FileNotFoundError):  # removed between the two: make it again
                 return self.open(name, flags)
+        raise _gave_up(errno.ENOENT, "open or create", self.where(name))
 
     def unlink(self, name: str) -> None:
         os.unlink(name, dir_fd=self.fd)
@@ -1059,7 +1079,7 @@ class _Dir:
         The lock is what :py:meth:`sweep` tests; a sweeper that took it first
         unlinks the file before letting go, which the writer sees and starts over.
         """
-        while True:
+        for _ in range(_TRIES):
             name = f".{prefix}.{os.urandom(8).hex()}.tmp"
             fd = self.create(name)
             if fd is None:
@@ -1068,6 +1088,7 @@ class _Dir:
             if os.fstat(fd).st_nlink:
                 return fd, name
             os.close(fd)
+        raise _gave_up(errno.EEXIST, "make a temporary file", self.where(f".{prefix}.*.tmp"))
 
     def sweep(self) -> None:
         """Removes the temporary files of writers that died: a live writer holds its file's lock."""
@@ -1221,10 +1242,10 @@ def _encode(record: AppRecord) -> _Entry:
     return (record.created, _final_state(record), blob)
 
 
-def _decode(app_id: str, blob: bytes, upgrade: bool = False) -> AppRecord:
+def _decode(app_id: str, blob: bytes) -> AppRecord:
     plain = _unpickled(io.BytesIO(blob), f"record for {app_id!r}")
     try:
-        record = _from_plain(AppRecord, _upgraded(plain) if upgrade else plain)
+        record = _from_plain(AppRecord, plain)
     except (_CorruptSession, TypeError, ValueError) as e:
         raise _CorruptSession(f"record for {app_id!r}: {e}") from e
     if record.app_id != app_id:
@@ -1248,22 +1269,15 @@ def _checked_entry(app_id: Any, entry: Any) -> _Entry:
 _STATE_NAMES = frozenset([None, *AppState.__members__])
 
 
-def _read_entries(data: Any, session_name: str) -> tuple[dict[str, _Entry], dict[str, AppRecord]]:
-    """The entries of an unpickled session file, and the records decoded on the way (formats 1 and 2)."""
+def _read_entries(data: Any, session_name: str) -> dict[str, _Entry]:
+    """The entries of an unpickled session file; each is checked when it is used."""
     version = data.get("format") if isinstance(data, dict) else type(data).__name__
-    if version not in _READABLE_FORMATS:
-        raise _CorruptSession(f"format {version!r}, expected one of {_READABLE_FORMATS}")
+    if version != FORMAT_VERSION:
+        raise _CorruptSession(f"format {version!r}, expected {FORMAT_VERSION}")
     apps = data.get("apps")
     if data.get("session") != session_name or not isinstance(apps, dict):
         raise _CorruptSession("not a session file of this session")
-    if version == FORMAT_VERSION:
-        return apps, {}
-    records = {}
-    for app_id, blob in apps.items():
-        if not isinstance(blob, bytes):
-            raise _CorruptSession(f"malformed record for {app_id!r}")
-        records[app_id] = _decode(app_id, blob, upgrade=True)
-    return {app_id: _encode(r) for app_id, r in records.items()}, records
+    return apps
 
 
 _Fingerprint = tuple[int, int, int, int]
@@ -1404,8 +1418,11 @@ class _SessionStore:
             st = os.fstat(f.fileno())
             _check_private(self.path, st)
             data = _unpickled(f, "the file")
-        entries, records = _read_entries(data, self._session_name)
-        self._fingerprint, self._entries, self._records = _fingerprint(st), entries, records
+        self._fingerprint, self._entries, self._records = (
+            _fingerprint(st),
+            _read_entries(data, self._session_name),
+            {},
+        )
 
     def _quarantine(self, error: Exception) -> None:
         aside = f"{self._name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -1460,207 +1477,6 @@ class _SessionStore:
                 self._held.depth = 0
         finally:
             os.close(fd)
-
-
-# ---------------------------------------------------------------------------
-# Log harvest: Docker's log stream, to and from files
-# ---------------------------------------------------------------------------
-# A harvested log is what `docker logs --timestamps` prints for one stream:
-# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
-# so since/until compare as bytes and two streams merge in time order.
-
-# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
-# fraction (or prints none) and may print an offset.
-_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
-
-
-def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
-    """A leading RFC 3339 timestamp: UTC date and time to the second, 9 fraction digits, its length."""
-    match = _TIMESTAMP.match(text)
-    if match is None:
-        return None
-    base, fraction, zone = match.groups()
-    if zone != b"Z":
-        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
-        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
-    return base, (fraction or b"").ljust(9, b"0"), match.end()
-
-
-def _fixed_stamp(line: bytes) -> bytes:
-    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
-    if line[19:20] == b"." and line[29:31] == b"Z ":
-        return line  # dockerd's own
-    parsed = _parse_timestamp(line)
-    if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
-        return line
-    base, fraction, end = parsed
-    return b"%s.%sZ%s" % (base, fraction, line[end:])
-
-
-def _finished_at(stamp: Any) -> float:
-    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
-    parsed = _parse_timestamp(str(stamp).encode())
-    if parsed is None:
-        return time.time()
-    base, fraction, _ = parsed
-    finished = (
-        datetime.fromisoformat(base.decode()).replace(tzinfo=timezone.utc).timestamp() + int(fraction) / 1e9
-    )
-    return finished if finished > 0 else time.time()
-
-
-def _epoch(dt: datetime | None) -> float | None:
-    """``dt`` in epoch seconds, or None when it filters nothing. A naive datetime is local
-    time, as docker-py and torchx's ``local_docker`` take it."""
-    if dt is None:
-        return None
-    seconds = dt.timestamp()
-    return seconds if seconds > 0 else None
-
-
-def _docker_time(dt: datetime | None) -> bytes | None:
-    """``dt`` as dockerd prints log timestamps, or None when it filters nothing."""
-    if dt is None or _epoch(dt) is None:
-        return None
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
-
-
-def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) -> bool:
-    """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``.
-
-    A stamp that is not ``exact`` (Podman's, to the whole second) stands for its
-    whole second, so the line is compared at that precision: one printed in the
-    second that holds ``low`` or ``high`` may lie inside, and is kept.
-    """
-    size = _STAMP_SIZE if exact else _SECOND_SIZE
-    return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
-
-
-# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, and its part to the whole second.
-_STAMP_SIZE, _SECOND_SIZE = 30, 19
-
-
-# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
-# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
-_FRAME_HEADER = struct.Struct(">BxxxL")
-_STDOUT, _STDERR = 1, 2
-_READ_SIZE = 1 << 20
-
-
-def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(stream id, payload) for each frame of a log body read in blocks of any size.
-
-    A raw (TTY) body has no frames: each of its lines comes out as one stdout payload.
-    """
-    blocks = iter(blocks)
-    head = b""
-    for block in blocks:  # a frame header is 8 bytes: decide on no less
-        head += block
-        if len(head) >= _FRAME_HEADER.size:
-            break
-    rest = itertools.chain([head], blocks)
-    if head[:1] in (b"\0", b"\1", b"\2") and head[1:4] == b"\0\0\0" and len(head) >= _FRAME_HEADER.size:
-        yield from _demultiplexed(rest)
-    else:
-        yield from ((_STDOUT, line) for line in _whole_lines(rest))
-
-
-def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    data, pos = b"", 0
-    for block in blocks:
-        data = data[pos:] + block if pos < len(data) else block
-        pos, size = 0, len(data)
-        while pos + 8 <= size:
-            stream, length = _FRAME_HEADER.unpack_from(data, pos)
-            end = pos + 8 + length
-            if end > size:
-                break
-            yield stream, data[pos + 8 : end]
-            pos = end
-
-
-def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        if b"\n" not in chunk:
-            continue
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if pending:
-        yield pending
-
-
-def _stamped_lines(
-    frames: Iterable[tuple[int, bytes]], since: datetime | None, until: datetime | None
-) -> Iterator[bytes]:
-    """The payloads of timestamped frames, stamps taken off, of the lines that may lie within
-    ``since`` and ``until`` (see :py:func:`_within`); a line split into frames is kept whole or not."""
-    low, high = _docker_time(since), _docker_time(until)
-    if low is None and high is None:
-        yield from (payload.partition(b" ")[2] for _, payload in frames)
-        return
-    keep: dict[int, bool] = {}
-    continued: dict[int, bool] = {}
-    for stream, payload in frames:
-        raw, _, text = payload.partition(b" ")
-        if not continued.get(stream):
-            fixed = _fixed_stamp(raw + b" ")
-            keep[stream] = _within(fixed[:-1], fixed[:-1] == raw, low, high)
-        continued[stream] = not text.endswith(b"\n")
-        if keep[stream]:
-            yield text
-
-
-def _write_streams(
-    frames: Iterable[tuple[int, bytes]], temps: _Dir, into: _Dir, names: Mapping[int, str]
-) -> bool:
-    """Writes each stream's frames to its file ``names`` in ``into``, through temporary files in
-    ``temps``; each file appears whole or not at all.
-
-    Returns whether every timestamp was dockerd's own, exact to the nanosecond.
-    """
-    with contextlib.ExitStack() as stack:
-        files = {stream: stack.enter_context(temps.written(name, into)) for stream, name in names.items()}
-        continued, exact = dict.fromkeys(names, False), True
-        for stream, payload in frames:
-            out = files.get(stream)
-            if out is None:
-                continue
-            # A line Docker split into frames keeps its first timestamp only.
-            if continued[stream]:
-                payload = payload.partition(b" ")[2]
-            else:
-                fixed = _fixed_stamp(payload)
-                exact, payload = exact and fixed is payload, fixed
-            out.write(payload)
-            continued[stream] = not payload.endswith(b"\n")
-    return exact
-
-
-def _read_harvested(
-    f: typing.BinaryIO, since: datetime | None, until: datetime | None, exact: bool
-) -> Iterator[tuple[bytes, bytes]]:
-    size = _STAMP_SIZE if exact else _SECOND_SIZE  # stamps to the second compare so: see _within
-    low, high = (None if t is None else t[:size] for t in (_docker_time(since), _docker_time(until)))
-    with f:
-        for raw in f:
-            ts, _, text = raw.partition(b" ")
-            if low is not None and ts[:size] < low:
-                continue
-            if high is not None and ts[:size] > high:
-                break
-            yield ts, text
-
-
-def _harvested_lines(
-    files: Sequence[typing.BinaryIO], since: datetime | None, until: datetime | None, exact: bool
-) -> Iterator[bytes]:
-    streams = [_read_harvested(f, since, until, exact) for f in files]
-    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
-        yield text
 
 
 # ---------------------------------------------------------------------------
@@ -1963,20 +1779,6 @@ class _Docker:
                 log.info("pulling %s: %s", image, progress)
         log.info("pulled image %s", image)
 
-    def lines(
-        self, name: str, streams: Sequence[str], since: datetime | None, until: datetime | None, follow: bool
-    ) -> Iterator[bytes]:
-        """A container's log lines, live: the request is made here, the body read as the lines are."""
-        start, end = _epoch(since), _epoch(until)
-        # Whole seconds around the window, since some engines stamp to the second; the lines are kept here.
-        times = {
-            "since": None if start is None else math.floor(start),
-            "until": None if end is None else math.ceil(end),
-        }
-        with _reaching_docker():
-            response = self.logs(name, streams, timestamps=True, follow=follow, **times)
-        return _whole_lines(_stamped_lines(_frames(response.iter_content(_READ_SIZE)), since, until))
-
     def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
         """One ``GET /containers/<name>/logs`` for ``streams``, its body left to read.
 
@@ -1989,17 +1791,221 @@ class _Docker:
         }
         params.update(stdout=int("stdout" in streams), stderr=int("stderr" in streams), tail="all")
         api = self.client.api
-        # No read timeout: a followed log may stay quiet for as long as its replica runs.
-        response: requests.Response = api._get(
-            api._url("/containers/{0}/logs", name), params=params, stream=True, timeout=None
-        )
-        api._raise_for_status(response)
+        url = f"{api.base_url}/v{api.api_version}/containers/{urllib.parse.quote(name, safe='')}/logs"
+        # docker-py's own logs() reads the body a frame at a time, so the request is made here, through
+        # the client's public requests.Session interface. No read timeout: a followed log may stay
+        # quiet for as long as its replica runs.
+        response: requests.Response = api.get(url, params=params, stream=True, timeout=None)
+        try:
+            response.raise_for_status()
+        except requests.exceptions.HTTPError as e:
+            response.close()
+            raise docker.errors.create_api_error_from_http_exception(e) from e
         return response
 
 
 # ---------------------------------------------------------------------------
-# Log directory
+# Logs: harvested from Docker's log stream into files, served from either
 # ---------------------------------------------------------------------------
+# One room: how a log is read from Docker, written, read back and served.
+# A harvested log is what `docker logs --timestamps` prints for one stream:
+# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
+# so since/until compare as bytes and two streams merge in time order.
+
+# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
+# fraction (or prints none) and may print an offset.
+_TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
+    """A leading RFC 3339 timestamp: UTC date and time to the second, 9 fraction digits, its length."""
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        return None
+    base, fraction, zone = match.groups()
+    if zone != b"Z":
+        utc = datetime.fromisoformat((base + zone).decode()).astimezone(timezone.utc)
+        base = utc.strftime("%Y-%m-%dT%H:%M:%S").encode()
+    return base, (fraction or b"").ljust(9, b"0"), match.end()
+
+
+def _fixed_stamp(line: bytes) -> bytes:
+    """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
+    if line[19:20] == b"." and line[29:31] == b"Z ":
+        return line  # dockerd's own
+    parsed = _parse_timestamp(line)
+    if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
+        return line
+    base, fraction, end = parsed
+    return b"%s.%sZ%s" % (base, fraction, line[end:])
+
+
+def _finished_at(stamp: Any) -> float:
+    """Docker's ``State.FinishedAt`` as epoch seconds; now when it is missing or unreadable."""
+    parsed = _parse_timestamp(str(stamp).encode())
+    if parsed is None:
+        return time.time()
+    base, fraction, _ = parsed
+    finished = (
+        datetime.fromisoformat(base.decode()).replace(tzinfo=timezone.utc).timestamp() + int(fraction) / 1e9
+    )
+    return finished if finished > 0 else time.time()
+
+
+def _epoch(dt: datetime | None) -> float | None:
+    """``dt`` in epoch seconds, or None when it filters nothing. A naive datetime is local
+    time, as docker-py and torchx's ``local_docker`` take it."""
+    if dt is None:
+        return None
+    seconds = dt.timestamp()
+    return seconds if seconds > 0 else None
+
+
+def _docker_time(dt: datetime | None) -> bytes | None:
+    """``dt`` as dockerd prints log timestamps, or None when it filters nothing."""
+    if dt is None or _epoch(dt) is None:
+        return None
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+
+
+def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) -> bool:
+    """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``.
+
+    A stamp that is not ``exact`` (Podman's, to the whole second) stands for its
+    whole second, so the line is compared at that precision: one printed in the
+    second that holds ``low`` or ``high`` may lie inside, and is kept.
+    """
+    size = _STAMP_SIZE if exact else _SECOND_SIZE
+    return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
+
+
+# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, and its part to the whole second.
+_STAMP_SIZE, _SECOND_SIZE = 30, 19
+
+
+# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
+# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
+_FRAME_HEADER = struct.Struct(">BxxxL")
+_STDOUT, _STDERR = 1, 2
+
+
+def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(stream id, payload) for each frame of a log body read in blocks of any size.
+
+    A raw (TTY) body has no frames: each of its lines comes out as one stdout payload.
+    """
+    blocks = iter(blocks)
+    head = b""
+    for block in blocks:  # a frame header is 8 bytes: decide on no less
+        head += block
+        if len(head) >= _FRAME_HEADER.size:
+            break
+    rest = itertools.chain([head], blocks)
+    if head[:1] in (b"\0", b"\1", b"\2") and head[1:4] == b"\0\0\0" and len(head) >= _FRAME_HEADER.size:
+        yield from _demultiplexed(rest)
+    else:
+        yield from ((_STDOUT, line) for line in _whole_lines(rest))
+
+
+def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    data, pos = b"", 0
+    for block in blocks:
+        data = data[pos:] + block if pos < len(data) else block
+        pos, size = 0, len(data)
+        while pos + 8 <= size:
+            stream, length = _FRAME_HEADER.unpack_from(data, pos)
+            end = pos + 8 + length
+            if end > size:
+                break
+            yield stream, data[pos + 8 : end]
+            pos = end
+
+
+def _whole_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Joins Docker's chunks into lines that keep their newline, like torchx's split_lines."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+def _stamped_lines(
+    frames: Iterable[tuple[int, bytes]], since: datetime | None, until: datetime | None
+) -> Iterator[bytes]:
+    """The payloads of timestamped frames, stamps taken off, of the lines that may lie within
+    ``since`` and ``until`` (see :py:func:`_within`); a line split into frames is kept whole or not."""
+    low, high = _docker_time(since), _docker_time(until)
+    if low is None and high is None:
+        yield from (payload.partition(b" ")[2] for _, payload in frames)
+        return
+    keep: dict[int, bool] = {}
+    continued: dict[int, bool] = {}
+    for stream, payload in frames:
+        raw, _, text = payload.partition(b" ")
+        if not continued.get(stream):
+            fixed = _fixed_stamp(raw + b" ")
+            keep[stream] = _within(fixed[:-1], fixed[:-1] == raw, low, high)
+        continued[stream] = not text.endswith(b"\n")
+        if keep[stream]:
+            yield text
+
+
+def _write_streams(
+    frames: Iterable[tuple[int, bytes]], temps: _Dir, into: _Dir, names: Mapping[int, str]
+) -> bool:
+    """Writes each stream's frames to its file ``names`` in ``into``, through temporary files in
+    ``temps``; each file appears whole or not at all.
+
+    Returns whether every timestamp was dockerd's own, exact to the nanosecond.
+    """
+    with contextlib.ExitStack() as stack:
+        files = {stream: stack.enter_context(temps.written(name, into)) for stream, name in names.items()}
+        continued, exact = dict.fromkeys(names, False), True
+        for stream, payload in frames:
+            out = files.get(stream)
+            if out is None:
+                continue
+            # A line Docker split into frames keeps its first timestamp only.
+            if continued[stream]:
+                payload = payload.partition(b" ")[2]
+            else:
+                fixed = _fixed_stamp(payload)
+                exact, payload = exact and fixed is payload, fixed
+            out.write(payload)
+            continued[stream] = not payload.endswith(b"\n")
+    return exact
+
+
+def _read_harvested(
+    f: typing.BinaryIO, since: datetime | None, until: datetime | None, exact: bool
+) -> Iterator[tuple[bytes, bytes]]:
+    size = _STAMP_SIZE if exact else _SECOND_SIZE  # stamps to the second compare so: see _within
+    low, high = (None if t is None else t[:size] for t in (_docker_time(since), _docker_time(until)))
+    with f:
+        for raw in f:
+            ts, _, text = raw.partition(b" ")
+            if low is not None and ts[:size] < low:
+                continue
+            if high is not None and ts[:size] > high:
+                break
+            yield ts, text
+
+
+def _harvested_lines(
+    files: Sequence[typing.BinaryIO], since: datetime | None, until: datetime | None, exact: bool
+) -> Iterator[bytes]:
+    streams = [_read_harvested(f, since, until, exact) for f in files]
+    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
+        yield text
+
+
+# -- the log directory: harvesting and serving ----------------------------------
 
 
 def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
@@ -2019,17 +2025,21 @@ def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
     return f"{type(error).__name__}: {error}", "check that the Docker daemon answers"
 
 
-class _LogDir:
-    """``<state_dir>/<session>.logs``: a directory an app, holding its start lock, the marker
-    that says its containers started, and each replica's harvested ``<role>.<id>.<stream>`` files.
+class _Logs:
+    """Every replica's logs: harvested from Docker once it ends, and served, live from Docker
+    until then and from the harvested files after.
 
+    The files are ``<state_dir>/<session>.logs/<app_id>/<role>.<id>.<stream>``; the app's
+    directory also holds its start lock and the marker that says its containers started.
     Each is opened through the state directory's descriptor, refusing symlinks.
     """
 
-    def __init__(self, state: _Dir, session_name: str) -> None:
-        self._state, self._name = state, f"{session_name}.logs"
+    def __init__(self, state: _Dir, session_name: str, docker_: _Docker) -> None:
+        self._state, self._name, self._docker = state, f"{session_name}.logs", docker_
         self.root = state.where(self._name)
         self._warned: set[tuple[str, str]] = set()
+
+    # -- the app's directory ---------------------------------------------------
 
     def app_dir(self, app_id: str) -> str:
         return os.path.join(self.root, self._checked(app_id))
@@ -2085,62 +2095,6 @@ class _LogDir:
         except OSError:
             return False
 
-    def write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> bool:
-        """Writes a replica's stdout and stderr frames to its two files, each whole or not at all.
-
-        Temporary files that killed writers left are removed first. Returns
-        whether the engine's timestamps were exact (see :py:func:`_within`).
-        """
-        self._state.sweep()
-        with self._app(app_id, create=True) as app:
-            names = {_STDOUT: self._file(rep, "stdout"), _STDERR: self._file(rep, "stderr")}
-            return _write_streams(frames, self._state, app, names)
-
-    def harvest(self, docker_: _Docker, app_id: str, rep: ReplicaRecord) -> _End:
-        """Streams an ended replica's stdout and stderr from Docker to its files.
-
-        Returns its new log status; a failure is logged (once for each cause) and returned, not raised.
-        """
-        try:
-            response = docker_.logs(rep.name, ("stdout", "stderr"), timestamps=True, follow=False)
-            with contextlib.closing(response):
-                exact = self.write(app_id, rep, _frames(response.iter_content(_READ_SIZE)))
-        except NotFound:
-            log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
-            return {"logs": "lost", "log_error": ""}
-        except (DockerException, OSError, requests.exceptions.RequestException) as e:
-            reason, fix = _harvest_failure(e, self.app_dir(app_id))
-            _warn_once(
-                self._warned,
-                (rep.name, reason),
-                # Said before the exit code is written: whether that worked, its own warning says.
-                "could not record the logs of container %s (%s): the container is kept until they "
-                "are; %s. The next describe, list, log_iter or close tries again",
-                rep.name,
-                reason,
-                fix,
-            )
-            return {"logs": "retry", "log_error": reason}
-        return {"logs": "recorded", "log_error": "", "exact_stamps": exact}
-
-    def lines(
-        self,
-        app_id: str,
-        rep: ReplicaRecord,
-        streams: Sequence[str],
-        since: datetime | None,
-        until: datetime | None,
-    ) -> Iterator[bytes]:
-        """The harvested lines of ``streams``, merged in time order, within ``since`` and ``until``.
-
-        Raises:
-            FileNotFoundError: when a harvested file is gone (removed by hand).
-        """
-        with self._app(app_id) as app, contextlib.ExitStack() as opened:
-            files = [opened.enter_context(os.fdopen(app.open(self._file(rep, s)), "rb")) for s in streams]
-            opened.pop_all()  # the reader closes them
-        return _harvested_lines(files, since, until, rep.exact_stamps)
-
     def discard(self, app_id: str) -> None:
         """Removes the app's directory if it is empty, as a schedule that recorded nothing leaves it."""
         with contextlib.suppress(OSError), self._state.subdir(self._name) as root:
@@ -2165,16 +2119,154 @@ class _LogDir:
         except OSError as e:
             log.warning("could not remove the logs of app %s in %s: %s", app_id, self.root, e)
 
+    # -- harvesting ----------------------------------------------------------
+
+    def harvest(self, app_id: str, rep: ReplicaRecord) -> _End:
+        """Streams an ended replica's stdout and stderr from Docker to its files.
+
+        Returns its new log status; a failure is logged (once for each cause) and returned, not raised.
+        """
+        try:
+            response = self._docker.logs(rep.name, ("stdout", "stderr"), timestamps=True, follow=False)
+            with contextlib.closing(response):
+                exact = self._write(app_id, rep, _frames(response.iter_content(_READ_SIZE)))
+        except NotFound:
+            log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
+            return {"logs": "lost", "log_error": ""}
+        except (DockerException, OSError, requests.exceptions.RequestException) as e:
+            reason, fix = _harvest_failure(e, self.app_dir(app_id))
+            _warn_once(
+                self._warned,
+                (rep.name, reason),
+                # Said before the exit code is written: whether that worked, its own warning says.
+                "could not record the logs of container %s (%s): the container is kept until they "
+                "are; %s. The next describe, list, log_iter or close tries again",
+                rep.name,
+                reason,
+                fix,
+            )
+            return {"logs": "retry", "log_error": reason}
+        return {"logs": "recorded", "log_error": "", "exact_stamps": exact}
+
+    def _write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> bool:
+        """Writes a replica's stdout and stderr frames to its two files, each whole or not at all.
+
+        Temporary files that killed writers left are removed first. Returns
+        whether the engine's timestamps were exact (see :py:func:`_within`).
+        """
+        self._state.sweep()
+        with self._app(app_id, create=True) as app:
+            names = {_STDOUT: self._file(rep, "stdout"), _STDERR: self._file(rep, "stderr")}
+            return _write_streams(frames, self._state, app, names)
+
+    # -- serving -------------------------------------------------------------
+
+    def lines(
+        self,
+        app_id: str,
+        rep: ReplicaRecord,
+        streams: Sequence[str],
+        window: tuple[datetime | None, datetime | None],
+        follow: bool,
+        refreshed: Callable[[ReplicaRecord], ReplicaRecord],
+    ) -> Iterator[bytes]:
+        """A replica's lines of ``streams`` within ``window`` (since, until): live from Docker
+        until its logs are recorded, from its files once they are. ``refreshed`` gives the
+        replica as recorded after a fresh look at its app's containers."""
+        if rep.logs_pending:  # recording them failed before: try again first
+            with contextlib.suppress(DockerUnavailableError):
+                rep = refreshed(rep)
+        if rep.logs != "recorded":
+            try:
+                return self._live(rep.name, streams, window, follow)
+            except NotFound:  # the container went away: maybe another process harvested it first
+                rep = refreshed(rep)
+            except docker.errors.APIError as e:  # e.g. a logging driver Docker cannot read back
+                log.warning("Docker cannot serve the logs of %s: %s", rep.name, e.explanation or e)
+                return iter(())
+        if rep.logs == "recorded":
+            try:
+                return self._recorded(app_id, rep, streams, window)
+            except FileNotFoundError:
+                return self._harvested_again(app_id, rep, streams, window)
+        log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
+        return iter(())
+
+    def _live(
+        self, name: str, streams: Sequence[str], window: tuple[datetime | None, datetime | None], follow: bool
+    ) -> Iterator[bytes]:
+        """A container's lines from Docker: the request is made here, the body read as the lines are."""
+        since, until = window
+        start, end = _epoch(since), _epoch(until)
+        # Whole seconds around the window, since some engines stamp to the second; the lines are kept here.
+        times = {
+            "since": None if start is None else math.floor(start),
+            "until": None if end is None else math.ceil(end),
+        }
+        with _reaching_docker():
+            response = self._docker.logs(name, streams, timestamps=True, follow=follow, **times)
+        return _whole_lines(_stamped_lines(_frames(response.iter_content(_READ_SIZE)), since, until))
+
+    def _recorded(
+        self,
+        app_id: str,
+        rep: ReplicaRecord,
+        streams: Sequence[str],
+        window: tuple[datetime | None, datetime | None],
+    ) -> Iterator[bytes]:
+        """The harvested lines of ``streams``, merged in time order, within ``window``.
+
+        Raises:
+            FileNotFoundError: when a harvested file is gone (removed by hand).
+        """
+        with self._app(app_id) as app, contextlib.ExitStack() as opened:
+            files = [opened.enter_context(os.fdopen(app.open(self._file(rep, s)), "rb")) for s in streams]
+            opened.pop_all()  # the reader closes them
+        return _harvested_lines(files, *window, rep.exact_stamps)
+
+    def _harvested_again(
+        self,
+        app_id: str,
+        rep: ReplicaRecord,
+        streams: Sequence[str],
+        window: tuple[datetime | None, datetime | None],
+    ) -> Iterator[bytes]:
+        """Logs whose harvested files were removed by hand: harvested again while the container is kept."""
+        where = self.app_dir(app_id)
+        if self._docker.inspect(rep.name) is None:
+            log.warning(
+                "the logs of %s are gone: their files in %s were removed, and so was its container",
+                rep.name,
+                where,
+            )
+            return iter(())
+        log.warning(
+            "the log files of %s in %s were removed; reading them again from its container", rep.name, where
+        )
+        end = self.harvest(app_id, rep)
+        if end["logs"] != "recorded":  # could not write them: serve them from Docker
+            return self._live(rep.name, streams, window, False)
+        return self._recorded(
+            app_id, dataclasses.replace(rep, exact_stamps=end["exact_stamps"]), streams, window
+        )
+
 
 # ---------------------------------------------------------------------------
 # Ownership: a state directory's containers, an app's engine
 # ---------------------------------------------------------------------------
 
 
+class _OtherEngine(RuntimeError):
+    """An app recorded on another Docker engine than the one this process talks to."""
+
+    def __init__(self, message: str, record: AppRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
 class _Ownership:
     """Which containers are a session's in a state directory, and whether an app's engine is the
-    one this process talks to. Containers carry the session's name and the state directory's
-    identity; those made before identities were count for the apps the session file holds."""
+    one this process talks to. Containers carry the session's name and the state directory's identity."""
 
     def __init__(self, docker_: _Docker, session_name: str, identity: Callable[[], str]) -> None:
         self._docker = docker_
@@ -2187,11 +2279,16 @@ class _Ownership:
         """The labels of the session's containers in this state directory."""
         return {LABEL_SESSION: self._session_name, LABEL_STATE_DIR: self._identity()}
 
-    def owns(self, container: Mapping[str, Any], recorded: bool) -> bool:
-        identity = container["Labels"].get(LABEL_STATE_DIR)
-        return (identity == self._identity() or (identity is None and recorded)) and self._named_well(
-            container
-        )
+    def of_app(self, app_id: str) -> builtins.list[dict[str, Any]]:
+        """The app's containers, when they are this session's in this state directory."""
+        return self._owned({**self.labels, LABEL_APP_ID: app_id})
+
+    def of_session(self) -> builtins.list[dict[str, Any]]:
+        """Every container of the session in this state directory."""
+        return self._owned(self.labels)
+
+    def _owned(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
+        return [c for c in self._docker.containers(labels) if self._named_well(c)]
 
     def _named_well(self, container: Mapping[str, Any]) -> bool:
         """Whether its labels name an app, role and replica as submitted ones are named; they become
@@ -2212,34 +2309,21 @@ class _Ownership:
         )
         return False
 
-    def of_app(self, app_id: str, recorded: bool) -> builtins.list[dict[str, Any]]:
-        """The app's containers, when they are this session's in this state directory."""
-        found = self._docker.containers({LABEL_SESSION: self._session_name, LABEL_APP_ID: app_id})
-        return [c for c in found if self.owns(c, recorded)]
-
-    def of_session(self, recorded: Iterable[str]) -> builtins.list[dict[str, Any]]:
-        """Every container of the session in this state directory; ``recorded`` are the app ids it holds."""
-        held = set(recorded)
-        found = self._docker.containers({LABEL_SESSION: self._session_name})
-        return [c for c in found if self.owns(c, c["Labels"][LABEL_APP_ID] in held)]
-
-    def other_engine(self, record: AppRecord) -> str | None:
-        """Why ``record`` is not this process's engine's to reconcile or act on, or None when it is.
-
-        Records made before engines were recorded belong to whichever engine is asked.
-        """
+    def check_engine(self, record: AppRecord | None) -> None:
+        """The one decision on engines: raises :py:class:`_OtherEngine` when ``record`` was scheduled on
+        another engine than this process talks to, so that nothing here acts on it or records an end it
+        did not have. An app adopted from its containers belongs to whichever engine is asked."""
         here = _docker_endpoint()
-        if (
-            not record.engine_id
-            or record.engine_endpoint == here
-            or record.engine_id == self._docker.engine_id
-        ):
-            return None
+        if record is None or not record.engine_id or record.engine_endpoint == here:
+            return
+        if record.engine_id == self._docker.engine_id:
+            return
         there = f"{record.engine_endpoint} (ID {record.engine_id})"
-        return (
+        raise _OtherEngine(
             f"app {record.app_id} runs on the Docker engine at {there}, and this scheduler talks to the one "
             f"at {here} (ID {self._docker.engine_id}): its state is as last recorded; set "
-            f"DOCKER_HOST={record.engine_endpoint} to reach it"
+            f"DOCKER_HOST={record.engine_endpoint} to reach it",
+            record,
         )
 
 
@@ -2248,12 +2332,9 @@ class _Ownership:
 # ---------------------------------------------------------------------------
 # Deciding is pure: _plan() looks at a record and the containers Docker listed
 # for it, and says which replicas still run, which ended and must be inspected
-# and harvested, whose logs to try again, and which ends are known already. The
-# scheduler carries the plan out, records the ends, and only then removes
+# and harvested, whose logs to try again, and which ends are known already.
+# _Reconciler carries the plan out, records the ends, and only then removes
 # containers.
-
-#: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
-_End = Mapping[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2291,9 +2372,7 @@ def _plan(
     created, unless the app's started marker says otherwise.
     """
     if record.starting and start_in_progress:
-        return _Plan(
-            live={name: _CONTAINER_STATES.get(c["State"], AppState.UNKNOWN) for name, c in listed.items()}
-        )
+        return _Plan(live={name: _container_state(c) for name, c in listed.items()})
     live: dict[str, AppState] = {}
     ends: dict[str, _End] = {}
     inspect, retry = [], []
@@ -2311,7 +2390,7 @@ def _plan(
         elif container["State"] in _ENDED:
             inspect.append(rep.name)
         else:
-            live[rep.name] = _CONTAINER_STATES.get(container["State"], AppState.UNKNOWN)
+            live[rep.name] = _container_state(container)
     return _Plan(live, tuple(inspect), tuple(retry), ends, write=record.starting)
 
 
@@ -2331,28 +2410,116 @@ def _exit_end(inspected: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _harvest(
-    docker_: _Docker, logs: _LogDir, app_id: str, rep: ReplicaRecord, logs_only: bool
-) -> _End | None:
-    """What an ended replica's container says of its end (unless ``logs_only``) and of its logs,
-    once they are recorded; None when the container turns out to be going again."""
-    end: _End = {}
-    if not logs_only:
-        inspected = docker_.inspect(rep.name)
-        if inspected is None:
-            return {"vanished": _VANISHED, "ended": time.time(), "logs": "lost"}
-        end = _exit_end(inspected) or {}
-        if not end:
+class _Reconciler:
+    """Brings records up to date with Docker: carries :py:func:`_plan` out, inspects and
+    harvests ended replicas side by side, records their ends, and only then removes the
+    containers ``remove_on_exit`` may. Harvesting never raises."""
+
+    def __init__(self, store: _SessionStore, docker_: _Docker, logs: _Logs, ours: _Ownership) -> None:
+        self._store, self._docker, self._logs, self._ours = store, docker_, logs, ours
+        self._warned: set[tuple[str, str]] = set()
+
+    def rebuild(self) -> dict[str, AppRecord]:
+        """Records for every app of the session that Docker has containers of."""
+        return _records_from_containers(self._ours.of_session())
+
+    def unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
+        """A record for an app known only from its containers, and their states; or None."""
+        containers = self._ours.of_app(app_id)
+        record = _records_from_containers(containers).get(app_id)
+        if record is None:
             return None
-    return {**end, **logs.harvest(docker_, app_id, rep)}
+        return record, {_container_name(c): _container_state(c) for c in containers}
 
+    def reconciled(
+        self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[AppRecord, dict[str, AppState]]:
+        """The record brought up to date with its containers (``listed``, or asked for here),
+        and the live states of the replicas still going.
 
-def _removable(record: AppRecord, ended: Iterable[str]) -> builtins.list[str]:
-    """Containers of ``ended`` replicas that ``remove_on_exit`` may remove: their logs are recorded."""
-    if not record.remove_on_exit:
-        return []
-    names = set(ended)
-    return [rep.name for rep in record.replicas if rep.name in names and rep.logs == "recorded"]
+        Raises:
+            _OtherEngine: when the app runs on another engine: nothing is recorded for it from here.
+        """
+        self._ours.check_engine(record)
+        app_id = record.app_id
+        if listed is None:
+            listed = self._ours.of_app(app_id)
+        starting = record.starting
+        plan = _plan(
+            record,
+            {_container_name(c): c for c in listed},
+            start_in_progress=starting and self._logs.start_in_progress(app_id),
+            started=starting and self._logs.started(app_id),
+            now=time.time(),
+        )
+        live, ends = self._carry_out(record, plan)
+        if ends or plan.write:
+            record = self._record_ends(record, ends)
+        return record, live
+
+    def _carry_out(self, record: AppRecord, plan: _Plan) -> tuple[dict[str, AppState], dict[str, _End]]:
+        """Inspects and harvests what ``plan`` says, side by side: the live states and the ends."""
+        live, ends = dict(plan.live), dict(plan.ends)
+        reps = {rep.name: rep for rep in record.replicas}
+        for name in ends:
+            if reps[name].logs_pending:
+                log.warning("container %s was removed before its logs were recorded; they are lost", name)
+        names = [*plan.inspect, *plan.retry]
+        harvested = _fan_out(lambda name: self._harvest(record.app_id, reps[name], name in plan.retry), names)
+        for name, end in zip(names, harvested, strict=True):
+            if end is None:  # restarted since it was listed
+                live[name] = AppState.PENDING
+            else:
+                ends[name] = end
+        return live, ends
+
+    def _harvest(self, app_id: str, rep: ReplicaRecord, logs_only: bool) -> _End | None:
+        """What an ended replica's container says of its end (unless ``logs_only``) and of its logs,
+        once they are recorded; None when the container turns out to be going again."""
+        end: _End = {}
+        if not logs_only:
+            inspected = self._docker.inspect(rep.name)
+            if inspected is None:
+                return {"vanished": _VANISHED, "ended": time.time(), "logs": "lost"}
+            end = _exit_end(inspected) or {}
+            if not end:
+                return None
+        return {**end, **self._logs.harvest(app_id, rep)}
+
+    def _record_ends(self, seen: AppRecord, ends: Mapping[str, _End]) -> AppRecord:
+        """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may.
+
+        When the write fails, answers from what was learnt, unrecorded, and removes nothing.
+        """
+        app_id = seen.app_id
+        try:
+            with self._store.update() as apps:
+                current = apps.get(app_id)
+                if current is None:  # deleted meanwhile
+                    return seen.with_ends(ends)
+                record = current.with_ends(ends)
+                apps[app_id] = record
+        except OSError as e:
+            _warn_once(
+                self._warned,
+                (app_id, str(e)),
+                "could not record the end of app %s in %s (%s); its state comes from Docker until it can",
+                app_id,
+                os.path.dirname(self._store.path),
+                e,
+            )
+            return seen.with_ends(ends)
+        if record.remove_on_exit:
+            self._docker.remove(_removable(record, among=ends))
+        return record
+
+    def replica_now(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
+        """``rep`` as recorded after looking at the app's containers again."""
+        record = self._store.get(app_id)
+        if record is None:
+            return rep
+        record, _ = self.reconciled(record)
+        return next(r for r in record.replicas if r.name == rep.name)
 
 
 # ---------------------------------------------------------------------------
@@ -2384,6 +2551,10 @@ class PersistentDockerScheduler(DockerScheduler):
     * A state directory owns its apps: its containers carry its identity, and no
       other state directory or session sees or acts on them. An app belongs to
       the engine that ran it: through another, nothing is recorded for it.
+
+    The class is torchx's surface; the work is done by collaborators, each one
+    concern: the session store, the Docker adapter, the logs, ownership and
+    reconciliation.
 
     State lives in ``state_dir``: the ``state_dir`` argument, else the
     ``DOCKER_SCHEDULER_STATE_DIR`` environment variable, else
@@ -2423,10 +2594,11 @@ class PersistentDockerScheduler(DockerScheduler):
         self.detach = detach
         self._state, self._state_dir_source = _open_state_dir(state_dir)
         self.state_dir = self._state.path
-        self._store = _SessionStore(self._state, session_name, self._rebuild_from_docker)
-        self._logs = _LogDir(self._state, session_name)
+        self._store = _SessionStore(self._state, session_name, lambda: self._reconciler.rebuild())
         self._docker = _Docker()
+        self._logs = _Logs(self._state, session_name, self._docker)
         self._ours = _Ownership(self._docker, session_name, lambda: self._state_dir_id)
+        self._reconciler = _Reconciler(self._store, self._docker, self._logs, self._ours)
         self._scheduled: list[str] = []
         self._warned: set[tuple[str, str]] = set()
         self._closed = False
@@ -2535,83 +2707,6 @@ class PersistentDockerScheduler(DockerScheduler):
         with self._store.update() as apps:
             apps[record.app_id] = record
 
-    # -- reconcile with Docker --------------------------------------------
-
-    def _rebuild_from_docker(self) -> dict[str, AppRecord]:
-        return _records_from_containers(self._ours.of_session(()))
-
-    def _unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
-        """A record for an app known only from its containers, and their listed states; or None."""
-        containers = self._ours.of_app(app_id, recorded=False)
-        record = _records_from_containers(containers).get(app_id)
-        if record is None:
-            return None
-        return record, {_container_name(c): _listed_state(c) for c in containers}
-
-    def _reconciled(
-        self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
-    ) -> tuple[AppRecord, dict[str, AppState]]:
-        """The record brought up to date with its containers (``listed``, or asked for here).
-
-        Ended replicas get their exit code and logs harvested and recorded.
-        Returns the fresh record and the live states of the replicas still
-        going. Harvesting logs never raises.
-        """
-        app_id = record.app_id
-        if self._ours.other_engine(record) is not None:
-            return record, {}  # never record an end that another engine's app did not have
-        if listed is None:
-            listed = self._ours.of_app(app_id, recorded=True)
-        starting, by_name = record.starting, {_container_name(c): c for c in listed}
-        in_progress, started = (
-            starting and self._logs.start_in_progress(app_id),
-            starting and self._logs.started(app_id),
-        )
-        plan = _plan(record, by_name, start_in_progress=in_progress, started=started, now=time.time())
-        live, ends = dict(plan.live), dict(plan.ends)
-        reps = {rep.name: rep for rep in record.replicas}
-        for name in ends:
-            if reps[name].logs_pending:
-                log.warning("container %s was removed before its logs were recorded; they are lost", name)
-        names = [*plan.inspect, *plan.retry]
-        harvested = _fan_out(
-            lambda name: _harvest(self._docker, self._logs, app_id, reps[name], name in plan.retry), names
-        )
-        for name, end in zip(names, harvested, strict=True):
-            if end is None:  # restarted since it was listed
-                live[name] = AppState.PENDING
-            else:
-                ends[name] = end
-        if ends or plan.write:
-            record = self._record_ends(record, ends)
-        return record, live
-
-    def _record_ends(self, seen: AppRecord, ends: Mapping[str, _End]) -> AppRecord:
-        """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may.
-
-        When the write fails, answers from what was learnt, unrecorded, and removes nothing.
-        """
-        app_id = seen.app_id
-        try:
-            with self._store.update() as apps:
-                current = apps.get(app_id)
-                if current is None:  # deleted meanwhile
-                    return seen.with_ends(ends)
-                record = current.with_ends(ends)
-                apps[app_id] = record
-        except OSError as e:
-            _warn_once(
-                self._warned,
-                (app_id, str(e)),
-                "could not record the end of app %s in %s (%s); its state comes from Docker until it can",
-                app_id,
-                self.state_dir,
-                e,
-            )
-            return seen.with_ends(ends)
-        self._docker.remove(_removable(record, ends))
-        return record
-
     # -- query ------------------------------------------------------------
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
@@ -2619,9 +2714,15 @@ class PersistentDockerScheduler(DockerScheduler):
 
         Returns ``None`` when neither the session file nor Docker knows the app.
         """
+        try:
+            return self._described(app_id)
+        except _OtherEngine as e:
+            return _describe_record(e.record, {}, [str(e)])
+
+    def _described(self, app_id: str) -> DescribeAppResponse | None:
         record = self._store.get(app_id)
         if record is None:
-            unrecorded = self._unrecorded(app_id)
+            unrecorded = self._reconciler.unrecorded(app_id)
             if unrecorded is None:
                 _warn_once(
                     self._warned,
@@ -2634,13 +2735,11 @@ class PersistentDockerScheduler(DockerScheduler):
                 return None
             return _describe_record(*unrecorded)
         live: dict[str, AppState] = {}
-        if record.asks_docker and (elsewhere := self._ours.other_engine(record)):
-            return _describe_record(record, live, [elsewhere])
         if not record.settled:
-            record, live = self._reconciled(record)
+            record, live = self._reconciler.reconciled(record)
         elif record.asks_docker:
             with contextlib.suppress(DockerUnavailableError):  # only its logs are missing: retry later
-                record, live = self._reconciled(record)
+                record, live = self._reconciler.reconciled(record)
         return _describe_record(record, live)
 
     def describe_native(self, app_id: str) -> AppDryRunInfo[DockerJob] | None:
@@ -2667,13 +2766,11 @@ class PersistentDockerScheduler(DockerScheduler):
 
         Raises:
             TimeoutError: when ``timeout`` seconds pass first; it names the app and its state.
+            RuntimeError: when the app runs on another Docker engine; it says how to reach it.
         """
-        recorded = self._store.get(app_id)
-        if recorded is not None and recorded.asks_docker and (elsewhere := self._ours.other_engine(recorded)):
-            raise RuntimeError(f"wait: {elsewhere}")
         deadline = None if timeout is None else time.monotonic() + timeout
         since = int(time.time())  # before the look, so no event after it is missed
-        desc = self.describe(app_id)
+        desc = self._described(app_id)
         seen: set[tuple[Any, ...]] = set()
         while desc is not None and not is_terminal(desc.state):
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -2681,7 +2778,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 raise TimeoutError(f"app {app_id} is still {desc.state.name} after {timeout} s")
             labels = {LABEL_SESSION: self.session_name, LABEL_APP_ID: app_id}
             self._docker.await_change(labels, since, remaining, seen)
-            desc = self.describe(app_id)
+            desc = self._described(app_id)
         return desc
 
     def list(self, cfg: Mapping[str, Any] | None = None) -> builtins.list[ListAppResponse]:
@@ -2695,7 +2792,7 @@ class PersistentDockerScheduler(DockerScheduler):
         summaries = self._store.summaries()
         recorded = {app_id for app_id, _ in summaries}
         try:
-            containers: list[dict[str, Any]] | None = self._ours.of_session(recorded)
+            containers: list[dict[str, Any]] | None = self._ours.of_session()
         except DockerUnavailableError as e:
             log.warning("listing from the session file only: %s", e)
             containers = None
@@ -2708,7 +2805,7 @@ class PersistentDockerScheduler(DockerScheduler):
                 found.append(ListAppResponse(app_id=app_id, state=AppState[final]))
         unrecorded = [c for app_id, group in by_app.items() if app_id not in recorded for c in group]
         for app_id, record in _records_from_containers(unrecorded).items():
-            live = {_container_name(c): _listed_state(c) for c in by_app[app_id]}
+            live = {_container_name(c): _container_state(c) for c in by_app[app_id]}
             found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
         return found
 
@@ -2718,7 +2815,8 @@ class PersistentDockerScheduler(DockerScheduler):
             return None
         live: dict[str, AppState] = {}
         if ask and record.asks_docker:
-            record, live = self._reconciled(record, listed)
+            with contextlib.suppress(_OtherEngine):  # as last recorded
+                record, live = self._reconciler.reconciled(record, listed)
         return _record_state(record, live).name
 
     def log_iter(
@@ -2745,90 +2843,31 @@ class PersistentDockerScheduler(DockerScheduler):
         Raises:
             ValueError: for an unknown app, role or replica index; it names the valid ones.
         """
-        record, recorded, rep = self._find_replica(app_id, role_name, k)
+        rep = self._find_replica(app_id, role_name, k)
         wanted = [
             s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
         ]
-        if rep.logs != "recorded" and recorded and (elsewhere := self._ours.other_engine(record)):
-            log.warning("%s; its logs are there", elsewhere)
+        try:
+            lines = self._logs.lines(
+                app_id,
+                rep,
+                wanted,
+                (since, until),
+                should_tail,
+                lambda r: self._reconciler.replica_now(app_id, r),
+            )
+        except _OtherEngine as e:
+            log.warning("%s; its logs are there", e)
             return iter(())
-        if rep.logs_pending:  # recording them failed before: try again first
-            with contextlib.suppress(DockerUnavailableError):
-                rep = self._refreshed(app_id, rep)
-        lines = self._lines(app_id, rep, wanted, since, until, should_tail)
         text = (line.decode("utf-8", "replace") for line in lines)
         return filter_regex(regex, text) if regex else text
 
-    def _lines(
-        self,
-        app_id: str,
-        rep: ReplicaRecord,
-        wanted: Sequence[str],
-        since: datetime | None,
-        until: datetime | None,
-        follow: bool,
-    ) -> Iterator[bytes]:
-        """Live from Docker unless the logs are recorded; from the log directory once they are."""
-        if rep.logs != "recorded":
-            try:
-                return self._docker.lines(rep.name, wanted, since, until, follow)
-            except NotFound:  # the container went away: maybe another process harvested it first
-                rep = self._refreshed(app_id, rep)
-            except docker.errors.APIError as e:  # e.g. a logging driver Docker cannot read back
-                log.warning("Docker cannot serve the logs of %s: %s", rep.name, e.explanation or e)
-                return iter(())
-        if rep.logs == "recorded":
-            try:
-                return self._logs.lines(app_id, rep, wanted, since=since, until=until)
-            except FileNotFoundError:
-                return self._harvested_again(app_id, rep, wanted, since, until)
-        log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
-        return iter(())
-
-    def _harvested_again(
-        self,
-        app_id: str,
-        rep: ReplicaRecord,
-        wanted: Sequence[str],
-        since: datetime | None,
-        until: datetime | None,
-    ) -> Iterator[bytes]:
-        """Logs whose harvested files were removed by hand: harvested again while the container is kept."""
-        where = self._logs.app_dir(app_id)
-        if self._docker.inspect(rep.name) is None:
-            log.warning(
-                "the logs of %s are gone: their files in %s were removed, and so was its container",
-                rep.name,
-                where,
-            )
-            return iter(())
-        log.warning(
-            "the log files of %s in %s were removed; reading them again from its container", rep.name, where
-        )
-        end = self._logs.harvest(self._docker, app_id, rep)
-        if end["logs"] != "recorded":  # could not write them: serve them from Docker
-            return self._docker.lines(rep.name, wanted, since, until, False)
-        return self._logs.lines(
-            app_id, dataclasses.replace(rep, exact_stamps=end["exact_stamps"]), wanted, since, until
-        )
-
-    def _find_replica(self, app_id: str, role_name: str, k: int) -> tuple[AppRecord, bool, ReplicaRecord]:
-        """The app's record, whether the session file holds it, and the replica."""
-        record = self._store.get(app_id)
-        if record is not None:
-            return record, True, _replica(record, role_name, k)
-        unrecorded = self._unrecorded(app_id)
-        if unrecorded is None:
-            raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
-        return unrecorded[0], False, _replica(unrecorded[0], role_name, k)
-
-    def _refreshed(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
-        """``rep`` as recorded after looking at the app's containers again."""
-        record = self._store.get(app_id)
+    def _find_replica(self, app_id: str, role_name: str, k: int) -> ReplicaRecord:
+        """The replica, from the session file or, for an app it lacks, from Docker's labels."""
+        record = self._store.get(app_id) or (self._reconciler.unrecorded(app_id) or (None, None))[0]
         if record is None:
-            return rep
-        record, _ = self._reconciled(record)
-        return next(r for r in record.replicas if r.name == rep.name)
+            raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
+        return _replica(record, role_name, k)
 
     # -- cancel, delete, prune and close ------------------------------------
 
@@ -2846,20 +2885,17 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _cancel_existing(self, app_id: str) -> None:
         recorded = self._store.get(app_id)
-        if recorded is not None and (elsewhere := self._ours.other_engine(recorded)):
-            raise RuntimeError(f"cancel: {elsewhere}")
+        self._ours.check_engine(recorded)
         if recorded is not None and recorded.settled:
             log.info("cancel: app %s already ended; nothing to do", app_id)
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = apps.get(app_id) or (self._unrecorded(app_id) or (None, None))[0]
+            record = apps.get(app_id) or (self._reconciler.unrecorded(app_id) or (None, None))[0]
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return
-            if not record.start_error and not any(r.failed for r in record.replicas):
-                record = dataclasses.replace(record, cancelled=True)  # one that already failed stays FAILED
-            apps[app_id] = record
+            record = apps[app_id] = record.with_cancel()
         names = [r.name for r in record.replicas if not r.final]
         log.info(
             "cancel: stopping app %s (%s): SIGTERM, then SIGKILL after %d s for any still running",
@@ -2868,7 +2904,7 @@ class PersistentDockerScheduler(DockerScheduler):
             record.stop_timeout,
         )
         self._docker.stop(names, record.stop_timeout)
-        self._reconciled(record)
+        self._reconciler.reconciled(record)
 
     def delete(self, app_id: str) -> None:
         """Forgets ``app_id``: stops what still runs, then removes its containers,
@@ -2880,19 +2916,15 @@ class PersistentDockerScheduler(DockerScheduler):
         (``torchx delete`` calls this on torchx main.)
         """
         recorded = self._store.get(app_id)
-        if recorded is not None and (elsewhere := self._ours.other_engine(recorded)):
-            raise RuntimeError(f"delete: {elsewhere}")
-        containers = self._ours.of_app(app_id, recorded is not None)
+        self._ours.check_engine(recorded)
+        containers = self._ours.of_app(app_id)
         if recorded is None and not containers:
             log.debug(
                 "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
             )
             return
         self._logs.check(app_id)  # a symlink is refused before anything is removed
-        running = [
-            _container_name(c) for c in containers if c["State"] not in _ENDED | {"created", "configured"}
-        ]
-        self._docker.stop(running, recorded.stop_timeout if recorded else STOP_TIMEOUT)
+        self._docker.stop(_to_stop(containers), recorded.stop_timeout if recorded else STOP_TIMEOUT)
         self._docker.remove([_container_name(c) for c in containers])
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
@@ -2914,7 +2946,8 @@ class PersistentDockerScheduler(DockerScheduler):
         for app_id, _ in self._store.summaries():
             record = self._store.record(app_id)
             if record is not None and not record.settled:
-                record, _ = self._reconciled(record)
+                with contextlib.suppress(_OtherEngine):  # not this engine's to touch
+                    record, _ = self._reconciler.reconciled(record)
             if record is not None and record.settled and record.ended_at < cutoff:
                 self.delete(app_id)
                 pruned.append(app_id)
@@ -2944,11 +2977,11 @@ class PersistentDockerScheduler(DockerScheduler):
         if record is None:
             return
         if record.asks_docker:
-            record, _ = self._reconciled(record)
+            record, _ = self._reconciler.reconciled(record)
         if not record.settled:
             self._cancel_existing(app_id)
             record = self._store.get(app_id) or record
-        done = [r.name for r in record.replicas if r.final and not r.logs_pending]
+        done = _removable(record)
         kept = [r.name for r in record.replicas if r.name not in done]
         if kept:
             log.warning("close: keeping containers %s: their logs could not be recorded", kept)
