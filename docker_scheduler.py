@@ -1,37 +1,12 @@
 """A torchx scheduler for local Docker that keeps a durable record of every app.
 
-torchx's ``local_docker`` scheduler asks Docker for everything, so once a
-container is gone its exit code and logs are gone too. This module's
-:py:class:`PersistentDockerScheduler` records each app in a pickled session
-file: the roles as submitted, every replica's exit code and, once a replica
-ends, its stdout and stderr. ``describe``, ``log_iter`` and ``list`` answer from
-that record after the containers are removed, from any process.
-
-It depends on ``docker`` and ``torchx`` only; copy this file into a project or
-``pip install`` it. Run it directly::
-
-    from torchx import specs
-    from docker_scheduler import PersistentDockerScheduler
-
-    app = specs.AppDef(
-        name="hello",
-        roles=[specs.Role("echo", image="busybox", entrypoint="echo", args=["hello"])],
-    )
-    scheduler = PersistentDockerScheduler("demo")
-    app_id = scheduler.submit(app, {})
-    # ... later, from this or any other process:
-    print(scheduler.describe(app_id).state)
-    print("".join(scheduler.log_iter(app_id, "echo", should_tail=True)))
-    scheduler.close()  # stops what still runs, keeps the record, removes the containers
-
-or through a torchx ``Runner``::
-
-    from torchx.runner import Runner
-    from docker_scheduler import create_scheduler
-
-    with Runner("demo", scheduler_factories={"local_docker_persistent": create_scheduler}) as runner:
-        handle = runner.run(app, scheduler="local_docker_persistent")
-        print(runner.wait(handle, wait_interval=1))
+torchx's ``local_docker`` asks Docker for everything, so once a container is
+gone its exit code and logs are gone too. :py:class:`PersistentDockerScheduler`
+records each app in a pickled session file (the roles as submitted, every
+replica's exit code) and each ended replica's stdout and stderr in files beside
+it, so ``describe``, ``log_iter`` and ``list`` answer after the containers are
+removed, in any process. It depends on ``docker`` and ``torchx`` only: copy
+this file into a project, or ``pip install`` it. The README shows how to use it.
 
 The module reads top to bottom in the order data flows, one concern a section:
 labels and constants; run options; input checks; records and the rules on them;
@@ -67,7 +42,7 @@ import typing
 import urllib.parse
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
@@ -77,12 +52,7 @@ import docker.types
 import requests
 import torchx.schedulers.docker_scheduler as _torchx_docker
 from docker.errors import DockerException, NotFound
-from torchx.schedulers.api import (
-    DescribeAppResponse,
-    ListAppResponse,
-    Stream,
-    filter_regex,
-)
+from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream, filter_regex
 from torchx.schedulers.docker_scheduler import (
     CONTAINER_STATE,
     LABEL_APP_ID,
@@ -1288,35 +1258,22 @@ def _fingerprint(st: os.stat_result) -> _Fingerprint:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-class _Apps(MutableMapping[str, AppRecord]):
-    """The session's apps as the store holds them: records are decoded when first read,
-    and what is set or deleted is collected in ``changes`` for the store to write."""
+class _Changes:
+    """An update's view of the session: the store's records, and what it sets or deletes."""
 
     def __init__(self, store: _SessionStore) -> None:
         self._store = store
         #: app id to its new record, or None when deleted
         self.changes: dict[str, AppRecord | None] = {}
 
-    def __getitem__(self, app_id: str) -> AppRecord:
-        record = self.changes[app_id] if app_id in self.changes else self._store.record(app_id)
-        if record is None:
-            raise KeyError(app_id)
-        return record
+    def get(self, app_id: str) -> AppRecord | None:
+        return self.changes[app_id] if app_id in self.changes else self._store.record(app_id)
 
     def __setitem__(self, app_id: str, record: AppRecord) -> None:
         self.changes[app_id] = record
 
-    def __delitem__(self, app_id: str) -> None:
-        if app_id not in self:
-            raise KeyError(app_id)
+    def pop(self, app_id: str) -> None:
         self.changes[app_id] = None
-
-    def __iter__(self) -> Iterator[str]:
-        unchanged = (app_id for app_id in self._store.ids() if app_id not in self.changes)
-        return itertools.chain(unchanged, (app_id for app_id, r in self.changes.items() if r is not None))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 class _SessionStore:
@@ -1343,11 +1300,6 @@ class _SessionStore:
         self._refresh()
         return self.record(app_id)
 
-    def apps(self) -> _Apps:
-        """Every app, as of the last write by any process; records are decoded as they are read."""
-        self._refresh()
-        return _Apps(self)
-
     def summaries(self) -> builtins.list[tuple[str, str | None]]:
         """Each app's id and its final state's name (None while it can change), oldest first."""
         self._refresh()
@@ -1362,16 +1314,14 @@ class _SessionStore:
         return [(app_id, entry[1]) for app_id, entry in sorted(entries, key=lambda item: item[1][0])]
 
     @contextlib.contextmanager
-    def update(self) -> Iterator[_Apps]:
+    def update(self) -> Iterator[_Changes]:
         """Yields the freshest apps under the lock, and writes back what was changed."""
         with self._locked():
-            apps = self.apps()
+            self._refresh()
+            apps = _Changes(self)
             yield apps
             if apps.changes:
                 self._write(apps.changes)
-
-    def ids(self) -> builtins.list[str]:
-        return list(self._entries)
 
     def record(self, app_id: str) -> AppRecord | None:
         """The record as last read, decoded on first use."""
@@ -2530,38 +2480,20 @@ class _Reconciler:
 class PersistentDockerScheduler(DockerScheduler):
     """
     A torchx scheduler that runs apps as local Docker containers and keeps a
-    durable record of each one in a session file.
+    durable record of each one: ``local_docker``'s AppDefs, run options and
+    workspaces, with exact states and exit codes and logs that outlive the
+    containers, in any process.
 
-    It takes the same AppDefs, run options and workspaces as ``local_docker``
-    (it subclasses :py:class:`torchx.schedulers.docker_scheduler.DockerScheduler`),
-    and differs where that one forgets:
+    ``describe`` reports CANCELLED for cancelled apps, FAILED when any replica
+    failed or vanished before its exit code was seen, SUCCEEDED only when every
+    replica succeeded, and ``None`` for an unknown app id. Side paths degrade,
+    never break: logs that cannot be recorded leave the exit code recorded and
+    the container in place, and are retried. A state directory owns its apps,
+    and an app belongs to the engine that ran it. The class is torchx's surface;
+    the store, the Docker adapter, the logs, ownership and reconciliation do the work.
 
-    * ``describe`` reports CANCELLED for cancelled apps, FAILED when any replica
-      failed or its container vanished before its exit code was seen (a terminal
-      state, so waits end), SUCCEEDED only when every replica succeeded, and
-      ``None`` for an app id nobody knows.
-    * When a replica ends, its exit code goes into the session file and its
-      stdout and stderr into files beside it; ``describe``, ``log_iter`` and
-      ``list`` serve them from there after the containers are gone, in any process.
-    * Side paths degrade, never break: logs that cannot be recorded (a logging
-      driver Docker cannot read back, a full or read-only disk) leave the exit
-      code recorded and the container in place, and are retried; ``schedule``
-      records the app before it creates anything. :py:meth:`delete` and
-      :py:meth:`prune` forget apps; :py:meth:`wait` blocks until an app ends.
-    * A state directory owns its apps: its containers carry its identity, and no
-      other state directory or session sees or acts on them. An app belongs to
-      the engine that ran it: through another, nothing is recorded for it.
-
-    The class is torchx's surface; the work is done by collaborators, each one
-    concern: the session store, the Docker adapter, the logs, ownership and
-    reconciliation.
-
-    State lives in ``state_dir``: the ``state_dir`` argument, else the
-    ``DOCKER_SCHEDULER_STATE_DIR`` environment variable, else
-    ``${XDG_STATE_HOME:-~/.local/state}/docker_scheduler``. The session file
-    ``<session_name>.pickle`` holds builtin types only, is written atomically
-    under a lock with mode 0600 and is read with an unpickler that refuses
-    anything else.
+    State lives in ``state_dir``: the argument, else ``$DOCKER_SCHEDULER_STATE_DIR``,
+    else ``${XDG_STATE_HOME:-~/.local/state}/docker_scheduler``.
 
     Args:
         session_name: names the session file; non-empty, no path separator, no ``..``.
@@ -2929,7 +2861,7 @@ class PersistentDockerScheduler(DockerScheduler):
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
         with self._store.update() as apps:
-            apps.pop(app_id, None)
+            apps.pop(app_id)
         log.info("deleted app %s from session %s", app_id, self.session_name)
 
     def prune(self, older_than: timedelta) -> builtins.list[str]:
