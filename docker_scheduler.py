@@ -1749,8 +1749,9 @@ class _Docker:
         try:
             response.raise_for_status()
         except requests.exceptions.HTTPError as e:
+            error = docker.errors.create_api_error_from_http_exception(e)  # reads the body's message
             response.close()
-            raise docker.errors.create_api_error_from_http_exception(e) from e
+            raise error from e
         return response
 
 
