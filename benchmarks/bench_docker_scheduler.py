@@ -402,7 +402,7 @@ class Bench:
             overhead.append((time.perf_counter() - start - counter.seconds) * 1e3)
             self.app_ids.append(app_id)
             describe.append(per_call(lambda: self.ours.describe(real), 200) * 1e3)
-        size = os.path.getsize(self.ours.session_file) / len(self.ours._store.apps())
+        size = os.path.getsize(self.ours.session_file) / len(self.ours._store.summaries())
         return [
             Row(
                 "schedule() overhead beside Docker, 1,000 apps",
@@ -446,9 +446,10 @@ class Bench:
 
 def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) -> None:
     """Fills the session with copies of ``real``'s record (each with its own strings) up to ``count`` apps."""
+    have = len(scheduler._store.summaries())
     with scheduler._store.update() as apps:
-        template = apps[real].to_plain()
-        for i in range(count - len(apps)):
+        template = apps.get(real).to_plain()
+        for i in range(count - have):
             plain = pickle.loads(pickle.dumps(template))
             plain["app_id"] = f"synthetic-{i:05d}"
             apps[plain["app_id"]] = docker_scheduler._from_plain(docker_scheduler.AppRecord, plain)
