@@ -25,6 +25,7 @@ import errno
 import fcntl
 import functools
 import heapq
+import importlib.util
 import io
 import itertools
 import logging
@@ -137,6 +138,8 @@ _STARTED = ".started"
 _DOCKER_WORKERS = 8
 # Log bodies are read, and log files written, in blocks of this many bytes.
 _READ_SIZE = 1 << 20
+# Where docker-py, and the Docker CLI, look for the engine when nothing else names one.
+_DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 
 
 # ---------------------------------------------------------------------------
@@ -385,6 +388,8 @@ LogStatus = Literal["in_container", "recorded", "retry", "lost"]
 
 #: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
 _End = Mapping[str, Any]
+#: The ``since`` and ``until`` of a log read (None: unbounded).
+_Window = tuple["datetime | None", "datetime | None"]
 
 
 class _CorruptSession(Exception):
@@ -540,8 +545,10 @@ class AppRecord:
     start_error: str = ""
     #: seconds between SIGTERM and SIGKILL when its containers are stopped
     stop_timeout: int = STOP_TIMEOUT
-    #: the Docker endpoint and the daemon's ID it was scheduled on; empty for adopted apps
+    #: the Docker endpoint, the context that named it (if one did) and the engine's ID it was
+    #: scheduled on; empty for adopted apps
     engine_endpoint: str = ""
+    engine_context: str = ""
     engine_id: str = ""
 
     @property
@@ -814,6 +821,15 @@ def _start_failure(container: DockerContainer, error: BaseException) -> str:
     labels: dict[str, str] = container.kwargs["labels"]  # type: ignore[assignment]
     replica, role = labels[LABEL_REPLICA_ID], labels[LABEL_ROLE_NAME]
     reason = f"could not start replica {replica} of role {role!r} from image {container.image!r}: {error}"
+    requests_: Iterable[Mapping[str, Any]] = container.kwargs.get("device_requests") or []  # type: ignore[assignment]
+    gpus = sum(int(r.get("Count") or 0) for r in requests_)
+    if gpus and "device driver" in str(error):  # dockerd: could not select device driver "" ...
+        reason += (
+            f". The role asks for {gpus} GPU(s) (Resource(gpu={gpus}) becomes a Docker device request with "
+            "capabilities compute and utility), and the engine has no runtime that provides them: install "
+            "the NVIDIA Container Toolkit, restart the engine, and check that `docker info` lists an nvidia "
+            "runtime; or run the role without gpu"
+        )
     return _scrubbed(reason, container.kwargs.get("environment"))  # type: ignore[arg-type]
 
 
@@ -1435,27 +1451,50 @@ class _SessionStore:
 
 
 class DockerUnavailableError(RuntimeError):
-    """The Docker daemon did not answer at the endpoint in use."""
+    """The Docker engine did not answer at the endpoint in use."""
 
 
-def _docker_endpoint() -> str:
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+@dataclasses.dataclass(frozen=True)
+class _Endpoint:
+    """The Docker engine a process talks to, as docker-py's ``from_env`` chooses it: ``DOCKER_HOST``,
+    else the Docker CLI's current context (``DOCKER_CONTEXT``, else ``docker context use``), else
+    the default socket."""
+
+    #: e.g. ``unix:///var/run/docker.sock``, ``tcp://10.0.0.5:2376`` or ``ssh://me@gpu-box``
+    url: str
+    #: the Docker CLI context that named it; empty for ``DOCKER_HOST`` and the default
+    context: str = ""
+
+    @property
+    def hint(self) -> str:
+        """The setting that reaches it from another shell."""
+        return f"DOCKER_CONTEXT={self.context}" if self.context else f"DOCKER_HOST={self.url}"
+
+    def __str__(self) -> str:
+        return f"{self.url} (Docker context {self.context!r})" if self.context else self.url
 
 
-def _unavailable(cause: BaseException) -> DockerUnavailableError:
+def _endpoint() -> tuple[_Endpoint, Any]:
+    """The endpoint in use, and the TLS settings its context holds (None for the others)."""
+    if os.environ.get("DOCKER_HOST"):
+        return _Endpoint(os.environ["DOCKER_HOST"]), None
+    named = os.environ.get("DOCKER_CONTEXT") or None
+    context = docker.context.ContextAPI.get_context(named)
+    if context is None:
+        raise DockerUnavailableError(
+            f"DOCKER_CONTEXT={named} names no Docker context: `docker context ls` lists them; "
+            "unset DOCKER_CONTEXT, or set it or DOCKER_HOST to an engine that runs"
+        )
+    if context.name == "default" or not context.Host:
+        return _Endpoint(_DEFAULT_SOCKET), None
+    return _Endpoint(context.Host, context.name), context.TLSConfig
+
+
+def _unavailable(endpoint: _Endpoint, cause: BaseException) -> DockerUnavailableError:
     return DockerUnavailableError(
-        f"cannot reach the Docker daemon at {_docker_endpoint()} ({cause}); "
-        "start it (e.g. `dockerd` or `systemctl start docker`) or point DOCKER_HOST at one that runs"
+        f"cannot reach the Docker engine at {endpoint} ({cause}); start it (e.g. `dockerd` or "
+        "`systemctl start docker`), or point DOCKER_HOST or DOCKER_CONTEXT at one that runs"
     )
-
-
-@contextlib.contextmanager
-def _reaching_docker() -> Iterator[None]:
-    """Turns a connection failure into one error that names the endpoint."""
-    try:
-        yield
-    except requests.exceptions.ConnectionError as e:
-        raise _unavailable(e) from e
 
 
 _T = TypeVar("_T")
@@ -1470,44 +1509,24 @@ def _fan_out(fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
         return list(pool.map(fn, items))
 
 
-def _attempt(fn: Callable[[_T], object], item: _T) -> BaseException | None:
-    """The error ``fn(item)`` raised, or None."""
-    try:
-        fn(item)
-    except Exception as e:
-        return e
-    return None
+_LAYER_DONE = frozenset({"Pull complete", "Already exists"})
+_LAYER_STATUSES = _LAYER_DONE | {"Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum"}
+_LAYER_STATUSES |= {"Download complete", "Extracting"}
 
 
-class _PullProgress:
-    """Layers done and bytes downloaded, from the events of ``docker pull``."""
-
-    _DONE = frozenset({"Pull complete", "Already exists"})
-    _LAYER_STATUSES = _DONE | {"Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum"}
-    _LAYER_STATUSES |= {"Download complete", "Extracting"}
-
-    def __init__(self) -> None:
-        self.layers: dict[str, tuple[int, int]] = {}
-        self.done: set[str] = set()
-
-    def update(self, event: Mapping[str, Any]) -> None:
-        layer, status = event.get("id"), event.get("status")
-        if not layer or status not in self._LAYER_STATUSES:
-            return
-        current, total = self.layers.get(layer, (0, 0))
-        detail = event.get("progressDetail") or {}
+def _pull_progress(layers: dict[str, tuple[int, int, bool]], event: Mapping[str, Any]) -> str:
+    """Counts ``event`` of ``docker pull`` into ``layers`` (id: bytes had, bytes in all, done):
+    how far the pull is, as layers done and megabytes downloaded."""
+    layer, status, detail = event.get("id"), event.get("status"), event.get("progressDetail") or {}
+    if layer and status in _LAYER_STATUSES:
+        have, total, done = layers.get(layer, (0, 0, False))
         if status == "Downloading":
-            current, total = int(detail.get("current", current)), int(detail.get("total") or total)
-        elif status == "Download complete" or status in self._DONE:
-            current = total
-        self.layers[layer] = (current, total)
-        if status in self._DONE:
-            self.done.add(layer)
-
-    def __str__(self) -> str:
-        have = sum(current for current, _ in self.layers.values())
-        total = sum(total for _, total in self.layers.values())
-        return f"{len(self.done)}/{len(self.layers)} layers done, {have / 1e6:.1f}/{total / 1e6:.1f} MB"
+            have, total = int(detail.get("current", have)), int(detail.get("total") or total)
+        elif status == "Download complete" or status in _LAYER_DONE:
+            have = total
+        layers[layer] = (have, total, done or status in _LAYER_DONE)
+    mb = [sum(v[i] for v in layers.values()) / 1e6 for i in (0, 1)]
+    return f"{sum(v[2] for v in layers.values())}/{len(layers)} layers done, {mb[0]:.1f}/{mb[1]:.1f} MB"
 
 
 #: torchx's lock around making its network (``ensure_network``), in the temporary directory:
@@ -1560,14 +1579,43 @@ class _Docker:
     def __init__(self) -> None:
         self._client: DockerClient | None = None
 
+    @functools.cached_property
+    def _chosen(self) -> tuple[_Endpoint, Any]:
+        return _endpoint()
+
+    @property
+    def endpoint(self) -> _Endpoint:
+        """The engine this process talks to (see :py:class:`_Endpoint`)."""
+        return self._chosen[0]
+
     @property
     def client(self) -> DockerClient:
         if self._client is None:
+            endpoint, tls = self._chosen
+            if endpoint.url.startswith("ssh://") and importlib.util.find_spec("paramiko") is None:
+                raise DockerUnavailableError(
+                    f"{endpoint} is an ssh endpoint, and docker-py reaches those only with paramiko "
+                    "installed: pip install 'docker[ssh]'"
+                )
+            # ssh:// through the ssh command, as the Docker CLI does: the user's ssh config and agent apply.
             try:
-                self._client = docker.from_env()
+                if endpoint.context:  # docker-py before 7.2 ignores contexts: name the host it gives
+                    self._client = docker.DockerClient(
+                        base_url=endpoint.url, tls=tls or False, use_ssh_client=True
+                    )
+                else:
+                    self._client = docker.from_env(use_ssh_client=True)
             except DockerException as e:
-                raise _unavailable(e) from e
+                raise _unavailable(endpoint, e) from e
         return self._client
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turns a connection failure into one error that names the endpoint."""
+        try:
+            yield
+        except requests.exceptions.ConnectionError as e:
+            raise _unavailable(self.endpoint, e) from e
 
     def close(self) -> None:
         if self._client is not None:
@@ -1577,13 +1625,13 @@ class _Docker:
     @functools.cached_property
     def engine_id(self) -> str:
         """The daemon's ID, which tells two engines apart (asked once: Podman takes its time)."""
-        with _reaching_docker():
+        with self._reaching():
             return str(self.client.info().get("ID") or "")
 
     def containers(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
         """Every container, running or not, that carries all of ``labels``."""
         wanted = [f"{key}={value}" for key, value in labels.items()]
-        with _reaching_docker():
+        with self._reaching():
             found: list[dict[str, Any]] = self.client.api.containers(all=True, filters={"label": wanted})
         return found
 
@@ -1604,11 +1652,15 @@ class _Docker:
         """
         client = self.client
 
-        def start(c: DockerContainer) -> None:
-            client.containers.create(c.image, c.command, **c.kwargs).start()
+        def start(c: DockerContainer) -> BaseException | None:
+            try:
+                client.containers.create(c.image, c.command, **c.kwargs).start()
+            except Exception as e:
+                return e
+            return None
 
-        with _reaching_docker():
-            errors = _fan_out(lambda c: _attempt(start, c), containers)
+        with self._reaching():
+            errors = _fan_out(start, containers)
             failed = [(c, e) for c, e in zip(containers, errors, strict=True) if e is not None]
             if not failed:
                 return None
@@ -1636,36 +1688,32 @@ class _Docker:
                 if e.status_code != 409 or "already in progress" not in str(e.explanation):
                     raise
 
-        with _reaching_docker():
+        with self._reaching():
             _fan_out(one, names)
-
-    def events(self, labels: Mapping[str, str], since: int, until: int | None) -> Iterator[dict[str, Any]]:
-        """Docker's events for containers that carry all of ``labels``, from ``since`` (epoch
-        seconds, so that nothing between a look and this call is missed) until ``until``, or on."""
-        wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
-        with _reaching_docker():
-            stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
-        with contextlib.closing(stream), _reaching_docker():
-            yield from stream
 
     def await_change(
         self, labels: Mapping[str, str], since: int, timeout: float | None, seen: set[tuple[Any, ...]]
     ) -> None:
         """Returns after an event of the labelled containers that is not in ``seen`` (it is added),
-        or after ``timeout`` seconds. Events since ``since`` are replayed, so none is missed."""
+        or after ``timeout`` seconds. Events since ``since`` (epoch seconds) are replayed, so none
+        between a look and this call is missed."""
         until = None if timeout is None else math.ceil(time.time() + timeout)
-        for event in self.events(labels, since, until):
-            action = event.get("Action") or event.get("status")
-            if (key := (event.get("id"), event.get("timeNano"), action)) not in seen:
-                seen.add(key)
-                if action in ("die", "died"):  # told before the container's state says it ended
-                    with contextlib.suppress(NotFound, requests.exceptions.RequestException):
-                        self.client.api.wait(str(event.get("id")), timeout=timeout)
-                return
+        wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
+        with self._reaching():
+            stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
+        with contextlib.closing(stream), self._reaching():
+            for event in stream:
+                action = event.get("Action") or event.get("status")
+                if (key := (event.get("id"), event.get("timeNano"), action)) not in seen:
+                    seen.add(key)
+                    if action in ("die", "died"):  # told before the container's state says it ended
+                        with contextlib.suppress(NotFound, requests.exceptions.RequestException):
+                            self.client.api.wait(str(event.get("id")), timeout=timeout)
+                    return
 
     def prepare(self, images: Iterable[str], policy: str) -> None:
         """Makes every image available as ``policy`` says, and torchx's network."""
-        with _reaching_docker():
+        with self._reaching():
             for image in sorted(images):
                 if not image.startswith("sha256:"):  # an id names a local image: nothing to pull
                     self._prepare_image(image, policy)
@@ -1718,12 +1766,12 @@ class _Docker:
     def _pull(self, image: str) -> None:
         """Pulls ``image``, logging progress at most every ``PULL_PROGRESS_INTERVAL`` seconds."""
         log.info("pulling image %s", image)
-        progress = _PullProgress()
+        layers: dict[str, tuple[int, int, bool]] = {}
         last = time.monotonic()
         for event in self.client.api.pull(image, stream=True, decode=True):
             if "error" in event:
                 raise DockerException(event["error"])
-            progress.update(event)
+            progress = _pull_progress(layers, event)
             if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
                 last = time.monotonic()
                 log.info("pulling %s: %s", image, progress)
@@ -1745,7 +1793,8 @@ class _Docker:
         # docker-py's own logs() reads the body a frame at a time, so the request is made here, through
         # the client's public requests.Session interface. No read timeout: a followed log may stay
         # quiet for as long as its replica runs.
-        response: requests.Response = api.get(url, params=params, stream=True, timeout=None)
+        with self._reaching():
+            response: requests.Response = api.get(url, params=params, stream=True, timeout=None)
         try:
             response.raise_for_status()
         except requests.exceptions.HTTPError as e:
@@ -2084,7 +2133,7 @@ class _Logs:
         except NotFound:
             log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
             return {"logs": "lost", "log_error": ""}
-        except (DockerException, OSError, requests.exceptions.RequestException) as e:
+        except (DockerException, DockerUnavailableError, OSError, requests.exceptions.RequestException) as e:
             reason, fix = _harvest_failure(e, self.app_dir(app_id))
             _warn_once(
                 self._warned,
@@ -2117,7 +2166,7 @@ class _Logs:
         app_id: str,
         rep: ReplicaRecord,
         streams: Sequence[str],
-        window: tuple[datetime | None, datetime | None],
+        window: _Window,
         follow: bool,
         refreshed: Callable[[ReplicaRecord], ReplicaRecord],
     ) -> Iterator[bytes]:
@@ -2143,9 +2192,7 @@ class _Logs:
         log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
         return iter(())
 
-    def _live(
-        self, name: str, streams: Sequence[str], window: tuple[datetime | None, datetime | None], follow: bool
-    ) -> Iterator[bytes]:
+    def _live(self, name: str, streams: Sequence[str], window: _Window, follow: bool) -> Iterator[bytes]:
         """A container's lines from Docker: the request is made here, the body read as the lines are."""
         since, until = window
         start, end = _epoch(since), _epoch(until)
@@ -2154,16 +2201,11 @@ class _Logs:
             "since": None if start is None else math.floor(start),
             "until": None if end is None else math.ceil(end),
         }
-        with _reaching_docker():
-            response = self._docker.logs(name, streams, timestamps=True, follow=follow, **times)
+        response = self._docker.logs(name, streams, timestamps=True, follow=follow, **times)
         return _whole_lines(_stamped_lines(_frames(response.iter_content(_READ_SIZE)), since, until))
 
     def _recorded(
-        self,
-        app_id: str,
-        rep: ReplicaRecord,
-        streams: Sequence[str],
-        window: tuple[datetime | None, datetime | None],
+        self, app_id: str, rep: ReplicaRecord, streams: Sequence[str], window: _Window
     ) -> Iterator[bytes]:
         """The harvested lines of ``streams``, merged in time order, within ``window``.
 
@@ -2176,11 +2218,7 @@ class _Logs:
         return _harvested_lines(files, *window, rep.exact_stamps)
 
     def _harvested_again(
-        self,
-        app_id: str,
-        rep: ReplicaRecord,
-        streams: Sequence[str],
-        window: tuple[datetime | None, datetime | None],
+        self, app_id: str, rep: ReplicaRecord, streams: Sequence[str], window: _Window
     ) -> Iterator[bytes]:
         """Logs whose harvested files were removed by hand: harvested again while the container is kept."""
         where = self.app_dir(app_id)
@@ -2264,16 +2302,16 @@ class _Ownership:
         """The one decision on engines: raises :py:class:`_OtherEngine` when ``record`` was scheduled on
         another engine than this process talks to, so that nothing here acts on it or records an end it
         did not have. An app adopted from its containers belongs to whichever engine is asked."""
-        here = _docker_endpoint()
-        if record is None or not record.engine_id or record.engine_endpoint == here:
+        here = self._docker.endpoint
+        if record is None or not record.engine_id or record.engine_endpoint == here.url:
             return
-        if record.engine_id == self._docker.engine_id:
+        if record.engine_id == self._docker.engine_id:  # the same engine, reached another way (ssh, tcp)
             return
-        there = f"{record.engine_endpoint} (ID {record.engine_id})"
+        there = _Endpoint(record.engine_endpoint, record.engine_context)
         raise _OtherEngine(
-            f"app {record.app_id} runs on the Docker engine at {there}, and this scheduler talks to the one "
-            f"at {here} (ID {self._docker.engine_id}): its state is as last recorded; set "
-            f"DOCKER_HOST={record.engine_endpoint} to reach it",
+            f"app {record.app_id} runs on the Docker engine at {there} (ID {record.engine_id}), and this "
+            f"scheduler talks to the one at {here} (ID {self._docker.engine_id}): its state is as last "
+            f"recorded; set {there.hint} to reach it",
             record,
         )
 
@@ -2596,7 +2634,8 @@ class PersistentDockerScheduler(DockerScheduler):
         self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
         record = dataclasses.replace(
             _record_from_job(job, app, cfg),
-            engine_endpoint=_docker_endpoint(),
+            engine_endpoint=self._docker.endpoint.url,
+            engine_context=self._docker.endpoint.context,
             engine_id=self._docker.engine_id,
         )
         try:
