@@ -2525,6 +2525,235 @@ def test_an_app_belongs_to_the_engine_that_ran_it(
         dockerd.close()
 
 
+LIFECYCLE = """
+import json, sys
+from torchx import specs
+from docker_scheduler import PersistentDockerScheduler
+s = PersistentDockerScheduler(sys.argv[1])
+step, app_id = sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+if step == "submit":
+    r = specs.Role("r", image="busybox:latest", entrypoint="sh", args=["-c", sys.argv[4]])
+    print(json.dumps(s.submit(specs.AppDef("far", roles=[r]), {"image_pull": "missing", "stop_timeout": 0})))
+elif step == "describe":
+    d = s.describe(app_id)
+    print(json.dumps([d.state.name, d.msg]))
+elif step == "cancel":
+    s.cancel(app_id)
+    print(json.dumps(s.describe(app_id).state.name))
+"""
+
+
+def lifecycle(session: str, state_dir: str, env: dict[str, str | None], *args: str) -> Any:
+    """One step of an app's life in a new process with ``env`` (None values unset)."""
+    environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    proc = subprocess.run(
+        [sys.executable, "-c", LIFECYCLE, session, *args],
+        cwd=ROOT,
+        env={**environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.engine
+def test_an_app_scheduled_through_a_docker_context_belongs_to_that_context(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """A context made by the docker CLI at Podman: the record names the context, and a process
+    without it, talking to dockerd, never reconciles the app and says which context reaches it."""
+    podman_host = os.environ.get("DOCKER_HOST", "")
+    if not (is_podman(client) and podman_host != DOCKERD) or shutil.which("docker") is None:
+        pytest.skip(
+            "needs two engines and the docker CLI: runs where DOCKER_HOST is Podman's (the Podman leg)"
+        )
+    config = tmp_path / "docker-config"  # the CLI's config, and so its contexts, kept in the test's directory
+    cli = {**os.environ, "DOCKER_CONFIG": str(config)}
+    cli.pop("DOCKER_HOST")
+    context = f"ds-{uuid.uuid4().hex[:6]}"
+    for command in (
+        ["context", "create", context, "--docker", f"host={podman_host}"],
+        ["context", "use", context],
+    ):
+        subprocess.run(["docker", *command], env=cli, check=True, capture_output=True, timeout=30)
+    scheduler = make()
+    session, state_dir = scheduler.session_name, scheduler.state_dir
+    through_context = {"DOCKER_HOST": None, "DOCKER_CONFIG": str(config)}
+    on_dockerd = {"DOCKER_HOST": DOCKERD, "DOCKER_CONFIG": str(tmp_path / "no-config")}
+    app_id = lifecycle(session, state_dir, through_context, "submit", "", LONG)
+    try:
+        wait_until(
+            lambda: lifecycle(session, state_dir, through_context, "describe", app_id)[0] == "RUNNING",
+            "RUNNING",
+        )
+        record = recorded(scheduler)[app_id]
+        assert (record.engine_endpoint, record.engine_context) == (podman_host, context)
+        state, msg = lifecycle(session, state_dir, on_dockerd, "describe", app_id)
+        print(f"through {context}: RUNNING; from dockerd: {state}: {msg}")  # shown by -s, quoted in docs
+        # Not FAILED: its running state is not recorded, and from here it cannot be seen.
+        assert state == "UNKNOWN" and f"set DOCKER_CONTEXT={context} to reach it" in msg
+        assert f"runs on the Docker engine at {podman_host} (Docker context {context!r})" in msg
+        assert not recorded(scheduler)[app_id].settled  # nothing recorded from dockerd
+        assert lifecycle(session, state_dir, through_context, "cancel", app_id) == "CANCELLED"
+    finally:
+        remove_app_containers(client, app_id)
+
+
+@contextlib.contextmanager
+def ssh_engine(d: Path) -> Iterator[dict[str, str]]:
+    """A real sshd on 127.0.0.1 that lets root in with a key made in ``d``, and the environment in
+    which this machine's engine is ``ssh://root@ds-test:<port>``: an ``ssh`` on PATH that is the
+    system's, given ``d``'s config. The sshd is ended, and what was made outside ``d`` removed, on
+    the way out."""
+    (d / "bin").mkdir(parents=True)
+    for key in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    shutil.copy(d / "client.pub", d / "authorized_keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
+    )
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {(d / 'host.pub').read_text()}")
+    (d / "ssh_config").write_text(
+        f"Host ds-test\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d / 'client'}\n"
+        f"  IdentitiesOnly yes\n  UserKnownHostsFile {d / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+    )
+    wrapper = d / "bin" / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {d / "ssh_config"} "$@"\n')
+    wrapper.chmod(0o755)
+    made_run_dir = not os.path.exists("/run/sshd")  # sshd's privilege separation directory
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    server = subprocess.Popen([shutil.which("sshd") or "sshd", "-D", "-e", "-f", str(d / "sshd_config")])
+    # docker-py passes ssh a port of its own (22 unless the URL names one), so the URL names it.
+    env = {"PATH": f"{d / 'bin'}:{os.environ['PATH']}", "DOCKER_HOST": f"ssh://root@ds-test:{port}"}
+    try:
+        answers = ["ssh", "ds-test", "docker", "version", "--format", "{{.Server.Version}}"]
+        wait_until(
+            lambda: subprocess.run(answers, env={**os.environ, **env}, capture_output=True).returncode == 0,
+            "sshd to let the key in",
+            timeout=30,
+        )
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if made_run_dir:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """:py:func:`ssh_engine` in the test's own directory."""
+    if os.getuid() != 0 or shutil.which("sshd") is None or shutil.which("ssh") is None:
+        if CI:
+            pytest.fail("CI=true and no root, sshd or ssh: .ci/run installs openssh-server and runs as root")
+        pytest.skip("runs a real sshd on 127.0.0.1 as root: needs root and openssh-server")
+    with ssh_engine(tmp_path / "ssh") as env:
+        yield env
+
+
+def test_the_whole_lifecycle_works_over_ssh(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, sshd: dict[str, str]
+) -> None:
+    """DOCKER_HOST=ssh://... through the system's ssh: submit, describe, wait (events), log_iter live
+    and harvested, cancel and delete, and the record names the ssh endpoint."""
+    if is_podman(client):
+        pytest.skip("the sshd here reaches dockerd (`docker system dial-stdio`): the dockerd legs run it")
+    scheduler = make()
+    code = f"""
+        import json
+        from torchx import specs
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})
+        def app(script):
+            r = specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", script])
+            return s.submit(specs.AppDef("far", roles=[r]), {{"image_pull": "missing"}})
+        ended = app("echo out; echo err >&2; exit 3")
+        done = s.wait(ended, timeout=60)
+        running = app("echo started; {LONG}")
+        live = next(iter(s.log_iter(running, "r", should_tail=True)))
+        state = s.describe(running).state.name
+        s.cancel(running)
+        seen = [done.state.name, done.msg, list(s.log_iter(ended, "r")), live, state]
+        seen += [s.describe(running).state.name, s.describe_native(ended).request.app_id == ended]
+        s.delete(ended)
+        print(json.dumps(seen + [s.describe(ended) is None, ended, running]))
+        """
+    seen = run_python(code, scheduler.state_dir, env=sshd)
+    ended, running = seen[-2:]
+    assert seen[:-2] == [
+        "FAILED",
+        "r/0 exited with code 3",
+        ["out\n", "err\n"],
+        "started\n",
+        "RUNNING",
+        "CANCELLED",
+        True,
+        True,
+    ]
+    assert container_names(client, ended) == []
+    assert recorded(scheduler)[running].engine_endpoint == sshd["DOCKER_HOST"]
+
+
+def has_nvidia_runtime(client: docker.DockerClient) -> bool:
+    """Whether the engine reports an NVIDIA runtime (`docker info`), which GPU containers need."""
+    info = client.info()
+    return "nvidia" in (info.get("Runtimes") or {}) or info.get("DefaultRuntime") == "nvidia"
+
+
+def gpu_app(gpus: int, image: str = IMAGE) -> specs.AppDef:
+    resource = specs.Resource(cpu=1, gpu=gpus, memMB=256)
+    role = specs.Role("r", image=image, entrypoint="sh", args=["-c", "nvidia-smi -L"], resource=resource)
+    return specs.AppDef("gpu", roles=[role])
+
+
+@pytest.mark.torchx
+@pytest.mark.engine
+def test_a_gpu_role_is_recorded_as_asked_and_a_host_without_gpus_says_what_it_needs(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    if has_nvidia_runtime(client):
+        pytest.skip("the engine has an NVIDIA runtime: test_a_gpu_container_lists_the_gpus_it_asked_for runs")
+    scheduler = make()
+    info = scheduler.submit_dryrun(gpu_app(2), dict(CFG))
+    app_id = info.request.app_id
+    if is_podman(client):  # its Docker API takes the request and runs the container without GPUs
+        scheduler.schedule(info)
+        assert "r/0 exited with code 127" in wait_for(scheduler, app_id).msg  # sh: nvidia-smi: not found
+    else:
+        with pytest.raises(RuntimeError) as failed:
+            scheduler.schedule(info)
+        assert 'could not select device driver ""' in str(failed.value)
+        assert "asks for 2 GPU(s)" in str(failed.value) and "NVIDIA Container Toolkit" in str(failed.value)
+        desc = scheduler.describe(app_id)
+        assert desc.state == AppState.FAILED and str(failed.value).split(". Removed")[0] in desc.msg
+        assert container_names(client, app_id) == []
+    (request,) = scheduler.describe_native(app_id).request.containers[0].kwargs["device_requests"]
+    assert isinstance(request, docker.types.DeviceRequest)
+    assert (request.count, request.capabilities) == (2, [["compute", "utility"]])
+
+
+def test_a_gpu_container_lists_the_gpus_it_asked_for(
+    make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
+) -> None:
+    """Where the engine has an NVIDIA runtime: a role with gpu=N sees N devices (`nvidia-smi -L`).
+    The image (DOCKER_SCHEDULER_GPU_IMAGE) must hold a libc for the nvidia-smi the runtime mounts."""
+    if not has_nvidia_runtime(client):
+        pytest.skip("the engine reports no NVIDIA runtime (`docker info` lists none): no GPU here")
+    gpus = int(os.environ.get("DOCKER_SCHEDULER_GPUS", "1"))
+    image = os.environ.get("DOCKER_SCHEDULER_GPU_IMAGE", "ubuntu:22.04")
+    scheduler = make()
+    app_id = scheduler.submit(gpu_app(gpus, image), dict(CFG))
+    assert wait_for(scheduler, app_id).state == AppState.SUCCEEDED
+    assert len([line for line in scheduler.log_iter(app_id, "r") if line.startswith("GPU ")]) == gpus
+
+
 def test_every_directory_and_file_it_makes_is_private_whatever_the_umask(
     make: Callable[..., PersistentDockerScheduler], tmp_path: Path
 ) -> None:

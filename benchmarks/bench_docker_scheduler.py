@@ -40,7 +40,7 @@ from torchx.schedulers.docker_scheduler import LABEL_APP_ID, DockerScheduler  # 
 
 import docker_scheduler  # noqa: E402
 from docker_scheduler import PersistentDockerScheduler  # noqa: E402
-from test_docker_scheduler import provision_busybox  # noqa: E402
+from test_docker_scheduler import provision_busybox, ssh_engine  # noqa: E402
 
 LONG = "trap 'exit 143' TERM; sleep 600 & wait"
 # Makes a `seq` line about 90 bytes, as a training log's lines are.
@@ -300,6 +300,34 @@ class Bench:
             self.remove([app_id])
         return row
 
+    def first_describe_ssh(self, lines: int = 300_000) -> Row:
+        """The first describe() over ssh (a fresh process with DOCKER_HOST=ssh://...) after a replica
+        exits, against `docker -H ssh://... logs -t`, both through a real sshd on 127.0.0.1."""
+        row = Row(
+            f"first describe() over ssh after a {lines:,}-line replica exits",
+            "s",
+            "(none)",
+            baseline="`docker -H ssh://... logs -t`",
+        )
+        with (
+            tempfile.TemporaryDirectory(prefix="docker-scheduler-bench-ssh-") as d,
+            ssh_engine(Path(d)) as ssh,
+        ):
+            env = {**os.environ, **ssh}
+            make = "from docker_scheduler import PersistentDockerScheduler as S\n"
+            make += f"s = S({self.session!r}, state_dir={self.state_dir!r}, detach=True)"
+            for _ in range(self.runs):
+                app_id = self.submit("ours", f"seq 1 {lines} | sed 's/$/ {PADDING}/'")
+                wait_until(lambda app_id=app_id: self.exited(app_id), timeout=600)
+                start = time.perf_counter()
+                logs = ["docker", "logs", "--timestamps", f"{app_id}-r-0"]
+                subprocess.run(logs, env=env, stdout=subprocess.DEVNULL, check=True)
+                row.torchx.append(time.perf_counter() - start)
+                statement = f"d = s.describe({app_id!r}); assert 'logs not recorded' not in d.msg, d.msg"
+                row.ours.append(timed_in_fresh_process(make, statement, env) / 1e3)
+                self.remove([app_id])
+        return row
+
     def harvest_rss_1gb(self) -> Row:
         """Peak RSS of a fresh process whose first describe() harvests a 1 GB log."""
         line = "x" * 1023
@@ -455,11 +483,13 @@ def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) ->
             apps[plain["app_id"]] = docker_scheduler._from_plain(docker_scheduler.AppRecord, plain)
 
 
-def timed_in_fresh_process(setup: str, statement: str) -> float:
+def timed_in_fresh_process(setup: str, statement: str, env: dict[str, str] | None = None) -> float:
     """Milliseconds ``statement`` takes in a new interpreter, after ``setup`` ran there."""
     code = f"import time\n{setup}\nstart = time.perf_counter()\n{statement}\n"
     code += "print((time.perf_counter() - start) * 1e3)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
 
 
@@ -519,6 +549,7 @@ def main() -> None:
         "first_describe_8x100k": lambda: bench.first_describe(
             8, 100_000, "first describe() after 8 replicas x 100,000 lines exit together", ">= 1.5x"
         ),
+        "first_describe_ssh": bench.first_describe_ssh,
         "harvest_rss_1gb": bench.harvest_rss_1gb,
         "cli_echo": bench.cli_echo,
         "fresh_process": bench.fresh_process,
