@@ -461,7 +461,7 @@ class Bench:
                 row = Row(
                     f"fresh process, first {case}, {count:,} apps",
                     "ms",
-                    "<= 2x pickle.load",
+                    "<= 2x pickle.load" if case.startswith("describe") else "(none)",
                     baseline="plain `pickle.load` of the file",
                     note=f"session file {size:.1f} MB",
                 )
