@@ -671,10 +671,19 @@ def test_container_removed_before_exit_reads_failed_and_ends_waits(
 # Scheduler: logs
 # ---------------------------------------------------------------------------
 
-SCRIPT = (
-    "echo o1; sleep 0.3; echo e1 >&2; sleep 2.2; echo o2; sleep 0.3; echo e2 >&2; sleep 2.2; "
-    "echo o3; printf partial"
-)
+
+def gap(client: docker.DockerClient) -> str:
+    """Seconds between two log lines that a bound must tell apart: Podman stamps lines to the whole
+    second, so two whole seconds and more there; dockerd stamps them to the nanosecond."""
+    return "2.2" if is_podman(client) else "0.2"
+
+
+def script(client: docker.DockerClient) -> str:
+    g = gap(client)
+    return (
+        f"echo o1; sleep 0.05; echo e1 >&2; sleep {g}; echo o2; sleep 0.05; echo e2 >&2; sleep {g}; "
+        "echo o3; printf partial"
+    )
 
 
 def _docker_times(client: docker.DockerClient, name: str) -> dict[str, datetime]:
@@ -725,7 +734,7 @@ def test_every_log_parameter_reads_the_same_before_and_after_removal(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", SCRIPT))
+    app_id = submit(scheduler, role("r", script(client)))
     wait_exited(client, app_id)
     (name,) = container_names(client, app_id)
     params = _all_params(_docker_times(client, name))
@@ -745,7 +754,8 @@ def test_since_and_until_keep_every_line_that_may_lie_in_the_window(
     """Podman stamps lines to the second: a bound inside a line's second keeps the line. dockerd's
     stamps are exact: a bound a nanosecond after a line drops it. Each of five lines, live and harvested."""
     scheduler = make()
-    app_id = submit(scheduler, role("r", "for i in 1 2 3 4 5; do echo line$i; sleep 0.7; done"))
+    pace = "0.7" if is_podman(client) else "0.05"  # Podman: lines in different seconds, and some in one
+    app_id = submit(scheduler, role("r", f"for i in 1 2 3 4 5; do echo line$i; sleep {pace}; done"))
     wait_exited(client, app_id)
     (name,) = container_names(client, app_id)
     stamps = {}
@@ -785,7 +795,7 @@ def test_naive_datetimes_are_local_time(
     make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient
 ) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", "echo before; sleep 2.2; echo after"))
+    app_id = submit(scheduler, role("r", f"echo before; sleep {gap(client)}; echo after"))
     wait_for(scheduler, app_id)
     (name,) = container_names(client, app_id)
     times = _docker_times(client, name)
@@ -1015,7 +1025,7 @@ def test_wait_blocks_until_the_app_ends_and_returns_its_description(
     make: Callable[..., PersistentDockerScheduler],
 ) -> None:
     scheduler = make()
-    failed = submit(scheduler, role("ok", "sleep 1"), role("bad", "sleep 1; exit 3"))
+    failed = submit(scheduler, role("ok", "sleep 0.3"), role("bad", "sleep 0.3; exit 3"))
     desc = scheduler.wait(failed, timeout=60)
     assert desc.state == AppState.FAILED and "bad/0 exited with code 3" in desc.msg
     retried = submit(scheduler, role("r", "sleep 0.3; exit 1", max_retries=2))
@@ -1036,7 +1046,7 @@ def test_wait_raises_timeout_error_naming_the_app_and_its_state(
 @pytest.mark.engine
 def test_wait_works_across_processes(make: Callable[..., PersistentDockerScheduler]) -> None:
     scheduler = make()
-    app_id = submit(scheduler, role("r", "sleep 1; echo done"))
+    app_id = submit(scheduler, role("r", "sleep 0.3; echo done"))
     seen = run_python(
         f"""
         import json
