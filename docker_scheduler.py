@@ -1289,7 +1289,8 @@ class _Changes:
         self.changes[app_id] = record
 
     def pop(self, app_id: str) -> None:
-        self.changes[app_id] = None
+        if self.get(app_id) is not None:  # nothing to write for an app the session does not hold
+            self.changes[app_id] = None
 
 
 class _SessionStore:
