@@ -1457,9 +1457,9 @@ class DockerUnavailableError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class _Endpoint:
-    """The Docker engine a process talks to, as docker-py's ``from_env`` chooses it: ``DOCKER_HOST``,
-    else the Docker CLI's current context (``DOCKER_CONTEXT``, else ``docker context use``), else
-    the default socket."""
+    """The Docker engine a process talks to, chosen as the Docker CLI (and docker-py 7.2's ``from_env``)
+    chooses it: ``DOCKER_HOST``, else the current context (``DOCKER_CONTEXT``, else the one
+    ``docker context use`` chose), else the default socket."""
 
     #: e.g. ``unix:///var/run/docker.sock``, ``tcp://10.0.0.5:2376`` or ``ssh://me@gpu-box``
     url: str
@@ -1515,9 +1515,8 @@ _LAYER_STATUSES = _LAYER_DONE | {"Pulling fs layer", "Waiting", "Downloading", "
 _LAYER_STATUSES |= {"Download complete", "Extracting"}
 
 
-def _pull_progress(layers: dict[str, tuple[int, int, bool]], event: Mapping[str, Any]) -> str:
-    """Counts ``event`` of ``docker pull`` into ``layers`` (id: bytes had, bytes in all, done):
-    how far the pull is, as layers done and megabytes downloaded."""
+def _count_layer(layers: dict[str, tuple[int, int, bool]], event: Mapping[str, Any]) -> None:
+    """Counts ``event`` of ``docker pull`` into ``layers`` (id: bytes had, bytes in all, done)."""
     layer, status, detail = event.get("id"), event.get("status"), event.get("progressDetail") or {}
     if layer and status in _LAYER_STATUSES:
         have, total, done = layers.get(layer, (0, 0, False))
@@ -1526,6 +1525,10 @@ def _pull_progress(layers: dict[str, tuple[int, int, bool]], event: Mapping[str,
         elif status == "Download complete" or status in _LAYER_DONE:
             have = total
         layers[layer] = (have, total, done or status in _LAYER_DONE)
+
+
+def _pull_progress(layers: dict[str, tuple[int, int, bool]]) -> str:
+    """How far a pull is, as layers done and megabytes downloaded."""
     mb = [sum(v[i] for v in layers.values()) / 1e6 for i in (0, 1)]
     return f"{sum(v[2] for v in layers.values())}/{len(layers)} layers done, {mb[0]:.1f}/{mb[1]:.1f} MB"
 
@@ -1571,8 +1574,9 @@ def _network_lock(timeout: float = 10) -> Iterator[None]:
 
 
 class _Docker:
-    """The Docker daemon as this module uses it: one lazily made client, containers found by
-    label, creation with rollback, stop and remove side by side, images, and log bodies.
+    """The Docker engine as this module uses it, one method an endpoint: the engine chosen, one lazily
+    made client, containers found by label, creation with rollback, stop and remove side by side,
+    events, images, and log bodies.
 
     Connection failures come out as :py:class:`DockerUnavailableError`, naming the endpoint.
     """
@@ -1772,10 +1776,10 @@ class _Docker:
         for event in self.client.api.pull(image, stream=True, decode=True):
             if "error" in event:
                 raise DockerException(event["error"])
-            progress = _pull_progress(layers, event)
+            _count_layer(layers, event)
             if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
                 last = time.monotonic()
-                log.info("pulling %s: %s", image, progress)
+                log.info("pulling %s: %s", image, _pull_progress(layers))
         log.info("pulled image %s", image)
 
     def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
@@ -1869,6 +1873,10 @@ def _docker_time(dt: datetime | None) -> bytes | None:
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
 
 
+# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, and its part to the whole second.
+_STAMP_SIZE, _SECOND_SIZE = 30, 19
+
+
 def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) -> bool:
     """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``.
 
@@ -1878,10 +1886,6 @@ def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) ->
     """
     size = _STAMP_SIZE if exact else _SECOND_SIZE
     return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
-
-
-# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, and its part to the whole second.
-_STAMP_SIZE, _SECOND_SIZE = 30, 19
 
 
 # Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
