@@ -1510,6 +1510,22 @@ def _fan_out(fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
         return list(pool.map(fn, items))
 
 
+@contextlib.contextmanager
+def _closing(stream: Any) -> Iterator[None]:
+    """Closes a stream of Docker's events on the way out. docker-py's close() takes the socket under
+    the response apart and fails where there is none (ssh through the ssh command); closing the
+    response itself then ends the stream."""
+    try:
+        yield
+    finally:
+        try:
+            stream.close()
+        except Exception:
+            response = getattr(stream, "_response", None)
+            if response is not None:
+                response.close()
+
+
 _LAYER_DONE = frozenset({"Pull complete", "Already exists"})
 _LAYER_STATUSES = _LAYER_DONE | {"Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum"}
 _LAYER_STATUSES |= {"Download complete", "Extracting"}
@@ -1706,7 +1722,7 @@ class _Docker:
         wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
         with self._reaching():
             stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
-        with contextlib.closing(stream), self._reaching():
+        with _closing(stream), self._reaching():
             for event in stream:
                 action = event.get("Action") or event.get("status")
                 if (key := (event.get("id"), event.get("timeNano"), action)) not in seen:

@@ -681,7 +681,7 @@ def gap(client: docker.DockerClient) -> str:
 def script(client: docker.DockerClient) -> str:
     g = gap(client)
     return (
-        f"echo o1; sleep 0.05; echo e1 >&2; sleep {g}; echo o2; sleep 0.05; echo e2 >&2; sleep {g}; "
+        f"echo o1; sleep 0.3; echo e1 >&2; sleep {g}; echo o2; sleep 0.3; echo e2 >&2; sleep {g}; "
         "echo o3; printf partial"
     )
 
@@ -2684,7 +2684,7 @@ def test_the_whole_lifecycle_works_over_ssh(
         def app(script):
             r = specs.Role("r", image={IMAGE!r}, entrypoint="sh", args=["-c", script])
             return s.submit(specs.AppDef("far", roles=[r]), {{"image_pull": "missing"}})
-        ended = app("echo out; echo err >&2; exit 3")
+        ended = app("echo out; sleep 0.3; echo err >&2; exit 3")  # apart, so their stamps keep the order
         done = s.wait(ended, timeout=60)
         running = app("echo started; {LONG}")
         live = next(iter(s.log_iter(running, "r", should_tail=True)))
