@@ -2441,6 +2441,11 @@ class _Reconciler:
             return None
         return record, {_container_name(c): _container_state(c) for c in containers}
 
+    def adopted(self, app_id: str) -> AppRecord | None:
+        """A record for an app known only from its containers; or None."""
+        unrecorded = self.unrecorded(app_id)
+        return None if unrecorded is None else unrecorded[0]
+
     def reconciled(
         self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
     ) -> tuple[AppRecord, dict[str, AppState]]:
@@ -2857,7 +2862,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _find_replica(self, app_id: str, role_name: str, k: int) -> ReplicaRecord:
         """The replica, from the session file or, for an app it lacks, from Docker's labels."""
-        record = self._store.get(app_id) or (self._reconciler.unrecorded(app_id) or (None, None))[0]
+        record = self._store.get(app_id) or self._reconciler.adopted(app_id)
         if record is None:
             raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
         return _replica(record, role_name, k)
@@ -2884,7 +2889,7 @@ class PersistentDockerScheduler(DockerScheduler):
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = apps.get(app_id) or (self._reconciler.unrecorded(app_id) or (None, None))[0]
+            record = apps.get(app_id) or self._reconciler.adopted(app_id)
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return

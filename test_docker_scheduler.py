@@ -34,7 +34,7 @@ import textwrap
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -263,12 +263,16 @@ def recorded(scheduler: PersistentDockerScheduler) -> dict[str, docker_scheduler
     return recorded_in(scheduler.state_dir, scheduler.session_name)
 
 
-def run_python(code: str, state_dir: str, env: dict[str, str] | None = None) -> Any:
-    """Runs ``code`` in a new interpreter and returns what it printed as JSON."""
+def run_python(
+    code: str, state_dir: str, env: Mapping[str, str | None] | None = None, args: Sequence[str] = ()
+) -> Any:
+    """Runs ``code`` (with ``args`` as its sys.argv[1:]) in a new interpreter, with ``env`` over this
+    one's (a None value unsets), and returns what it printed last, as JSON."""
+    environ = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir, **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         cwd=ROOT,
-        env={**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir, **(env or {})},
+        env={key: value for key, value in environ.items() if value is not None},
         capture_output=True,
         text=True,
         timeout=120,
@@ -2555,17 +2559,7 @@ elif step == "cancel":
 
 def lifecycle(session: str, state_dir: str, env: dict[str, str | None], *args: str) -> Any:
     """One step of an app's life in a new process with ``env`` (None values unset)."""
-    environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-    proc = subprocess.run(
-        [sys.executable, "-c", LIFECYCLE, session, *args],
-        cwd=ROOT,
-        env={**environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_python(LIFECYCLE, state_dir, env, (session, *args))
 
 
 @pytest.mark.engine
