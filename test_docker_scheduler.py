@@ -2062,17 +2062,12 @@ RECORD_DAMAGES: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def _a_record(app_id: str) -> docker_scheduler.AppRecord:
-    role_record = docker_scheduler.RoleRecord("r", IMAGE, "sh", ("-c", "true"), {}, 1, 0)
-    replica = docker_scheduler.ReplicaRecord("r", 0, f"{app_id}-r-0", exit_code=0, logs="recorded")
-    return docker_scheduler.AppRecord(app_id, 1.0, (role_record,), (replica,))
-
-
 @pytest.mark.parametrize("bad", [*sorted(CORRUPTIONS), *RECORD_DAMAGES])
 def test_a_corrupt_session_file_or_record_is_moved_aside_and_the_session_rebuilt(
     bad: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    good, adopted = _a_record("good-1"), _a_record("adopted-1")
+    ended = _record(exit_code=0, logs="recorded")
+    good, adopted = (dataclasses.replace(ended, app_id=app_id) for app_id in ("good-1", "adopted-1"))
     if bad in CORRUPTIONS:
         data = CORRUPTIONS[bad]
     else:
