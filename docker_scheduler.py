@@ -1526,29 +1526,6 @@ def _closing(stream: Any) -> Iterator[None]:
                 response.close()
 
 
-_LAYER_DONE = frozenset({"Pull complete", "Already exists"})
-_LAYER_STATUSES = _LAYER_DONE | {"Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum"}
-_LAYER_STATUSES |= {"Download complete", "Extracting"}
-
-
-def _count_layer(layers: dict[str, tuple[int, int, bool]], event: Mapping[str, Any]) -> None:
-    """Counts ``event`` of ``docker pull`` into ``layers`` (id: bytes had, bytes in all, done)."""
-    layer, status, detail = event.get("id"), event.get("status"), event.get("progressDetail") or {}
-    if layer and status in _LAYER_STATUSES:
-        have, total, done = layers.get(layer, (0, 0, False))
-        if status == "Downloading":
-            have, total = int(detail.get("current", have)), int(detail.get("total") or total)
-        elif status == "Download complete" or status in _LAYER_DONE:
-            have = total
-        layers[layer] = (have, total, done or status in _LAYER_DONE)
-
-
-def _pull_progress(layers: dict[str, tuple[int, int, bool]]) -> str:
-    """How far a pull is, as layers done and megabytes downloaded."""
-    mb = [sum(v[i] for v in layers.values()) / 1e6 for i in (0, 1)]
-    return f"{sum(v[2] for v in layers.values())}/{len(layers)} layers done, {mb[0]:.1f}/{mb[1]:.1f} MB"
-
-
 #: torchx's lock around making its network (``ensure_network``), in the temporary directory:
 #: taking the same one serializes the two.
 _NETWORK_LOCK = "torchx_docker_network_lock"
@@ -1763,7 +1740,8 @@ class _Docker:
             except DockerException as e:
                 log.warning("failed to pull image %s, falling back to the local copy: %s", image, e)
             return
-        if self._has_image(image):
+        with contextlib.suppress(NotFound):
+            self.client.api.inspect_image(image)
             return
         if policy == "never":
             raise ValueError(
@@ -1773,29 +1751,19 @@ class _Docker:
         try:
             self._pull(image)
         except DockerException as e:
-            raise RuntimeError(
-                f"image {image!r} is not on this Docker host and pulling it failed: {e}"
-            ) from e
-
-    def _has_image(self, image: str) -> bool:
-        try:
-            self.client.api.inspect_image(image)
-        except NotFound:
-            return False
-        return True
+            raise RuntimeError(f"image {image!r} is not on this Docker host; pulling it failed: {e}") from e
 
     def _pull(self, image: str) -> None:
-        """Pulls ``image``, logging progress at most every ``PULL_PROGRESS_INTERVAL`` seconds."""
+        """Pulls ``image``, logging the engine's progress at most every ``PULL_PROGRESS_INTERVAL`` seconds."""
         log.info("pulling image %s", image)
-        layers: dict[str, tuple[int, int, bool]] = {}
         last = time.monotonic()
         for event in self.client.api.pull(image, stream=True, decode=True):
             if "error" in event:
                 raise DockerException(event["error"])
-            _count_layer(layers, event)
             if time.monotonic() - last >= PULL_PROGRESS_INTERVAL:
                 last = time.monotonic()
-                log.info("pulling %s: %s", image, _pull_progress(layers))
+                progress = (str(event.get(key) or "") for key in ("id", "status", "progress"))
+                log.info("pulling %s: %s", image, " ".join(filter(None, progress)))
         log.info("pulled image %s", image)
 
     def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
