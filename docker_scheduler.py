@@ -1,18 +1,16 @@
 """A torchx scheduler for local Docker that keeps a durable record of every app.
 
-torchx's ``local_docker`` asks Docker for everything, so once a container is
-gone its exit code and logs are gone too. :py:class:`PersistentDockerScheduler`
-records each app in a pickled session file (the roles as submitted, every
-replica's exit code) and each ended replica's stdout and stderr in files beside
-it, so ``describe``, ``log_iter`` and ``list`` answer after the containers are
-removed, in any process. It depends on ``docker`` and ``torchx`` only: copy
-this file into a project, or ``pip install`` it. The README shows how to use it.
+torchx's ``local_docker`` asks Docker for everything, so once a container is gone its exit code and
+logs are gone too. :py:class:`PersistentDockerScheduler` records each app in a pickled session file
+(the roles as submitted, every replica's exit code) and each ended replica's stdout and stderr in files
+beside it, so ``describe``, ``log_iter`` and ``list`` answer after the containers are removed, in any
+process. It depends on ``docker`` and ``torchx`` only: copy this file into a project, or ``pip install``
+it. The README shows how to use it.
 
-The module reads top to bottom in the order data flows, one concern a section:
-labels and constants; run options; input checks; records and the rules on them;
-the state directory; the session store; the Docker adapter; logs (harvested and
-served); ownership; reconciliation; the scheduler, a thin torchx surface over
-them; and the factory.
+The module reads top to bottom in the order data flows, one concern a section: labels and constants;
+run options; input checks; records and the rules on them; the state directory; the session store; the
+Docker adapter; logs (harvested and served); ownership; reconciliation; the scheduler, a thin torchx
+surface over them; and the factory.
 """
 
 from __future__ import annotations
@@ -90,42 +88,32 @@ __all__ = [
 log: logging.Logger = logging.getLogger(__name__)
 
 
-def _warn_once(seen: set[tuple[str, str]], key: tuple[str, str], message: str, *args: Any) -> None:
+def _warn_once(seen: set[tuple[str, str]], key: tuple[str, str], message: str) -> None:
     """Logs a warning the first time ``key`` (a subject and a cause) comes up in ``seen``."""
     if key not in seen:
         seen.add(key)
-        log.warning(message, *args)
+        log.warning(message)
 
 
-# ---------------------------------------------------------------------------
-# Labels and constants
-# ---------------------------------------------------------------------------
+# == Labels and constants =====================================================
 
 #: Label that ties a container to its session, beside torchx's app/role/replica labels.
 LABEL_SESSION = "docker-scheduler/session"
-
 #: Label that ties a container to its state directory, by the identity kept in :py:data:`IDENTITY_FILE`.
 LABEL_STATE_DIR = "docker-scheduler/state-dir"
-
 #: The file in a state directory that holds its identity, apart from any session file.
 IDENTITY_FILE = "state_dir.id"
-
 #: The session file's shape; a file of any other is moved aside and the session rebuilt from Docker.
 FORMAT_VERSION = 3
-
 #: Environment variable naming the state directory when ``state_dir`` is not given.
 STATE_DIR_ENV = "DOCKER_SCHEDULER_STATE_DIR"
-
 #: Seconds Docker waits after SIGTERM before SIGKILL, as ``docker stop`` does.
 STOP_TIMEOUT = 10
-
 #: The ``image_pull`` policies, and the one taken when none is given (``local_docker`` always pulls).
 IMAGE_PULL_POLICIES = ("always", "missing", "never")
 DEFAULT_IMAGE_PULL = "always"
-
 #: Seconds between two progress lines of a long image pull.
 PULL_PROGRESS_INTERVAL = 3.0
-
 #: At most this many replicas in one app, over all its roles (each is a container on this machine).
 MAX_REPLICAS = 256
 
@@ -142,13 +130,10 @@ _READ_SIZE = 1 << 20
 _DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 
 
-# ---------------------------------------------------------------------------
-# Run options, and the one place that knows torchx versions apart
-# ---------------------------------------------------------------------------
-# torchx 0.7 declares a scheduler's options as ``runopts`` and hands ``cfg`` over
-# as a dict; torchx main (``torchx-nightly``) declares them as a dataclass
-# extending its ``StructuredOpts`` and hands ``cfg`` over as that dataclass.
-# Both read with ``cfg.get(name)``. Everything version-dependent is below.
+# == Run options, and the one place that knows torchx versions apart ==========
+# torchx 0.7 declares a scheduler's options as ``runopts`` and hands ``cfg`` over as a dict; torchx main
+# (``torchx-nightly``) declares them as a dataclass extending its ``StructuredOpts`` and hands ``cfg``
+# over as that dataclass. Both read with ``cfg.get(name)``. Everything version-dependent is below.
 
 # torchx main's ``local_docker`` options (copy_env, env, privileged); None on 0.7.
 _TorchxDockerOpts: Any = getattr(_torchx_docker, "Opts", None)
@@ -161,19 +146,15 @@ def _option(default: Any, type_: Any, help: str) -> Any:
 
 @dataclasses.dataclass
 class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
-    """The run options this scheduler adds to ``local_docker``'s.
-
-    On torchx main this is the scheduler's options type (``cfg`` arrives as an
-    instance, with ``local_docker``'s fields inherited); on torchx 0.7 its fields
-    are added to ``local_docker``'s ``runopts``.
-    """
+    """The run options this scheduler adds to ``local_docker``'s: on torchx main, the scheduler's options
+    type (``cfg`` arrives as an instance, ``local_docker``'s fields inherited); on torchx 0.7 its fields
+    are added to ``local_docker``'s ``runopts``."""
 
     image_pull: str = _option(
         DEFAULT_IMAGE_PULL,
         str,
-        "when to pull each role's image: `always` (as local_docker; falls back to a local copy "
-        "when the pull fails), `missing` (only when Docker lacks it) or `never` "
-        "(a missing image is an error)",
+        "when to pull each role's image: `always` (as local_docker; a failed pull falls back to a local "
+        "copy), `missing` (only when Docker lacks it) or `never` (a missing image is an error)",
     )
     remove_on_exit: bool = _option(
         False, bool, "remove each container once its exit code and logs are recorded in the session"
@@ -194,12 +175,10 @@ class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
     ulimits: list[str] | None = _option(
         None,
         typing.List[str],  # noqa: UP006  torchx 0.7 parses an option typed exactly so as a list
-        "resource limits of every container, each `name=soft[:hard]` as `docker run --ulimit` "
-        "(one value sets both; -1 is unlimited), e.g. nofile=1024:2048. Within torchx's -cfg string, "
-        "where `=` and `,` separate options, write `name:soft[:hard]`: "
-        "ulimits=memlock:-1,stack:67108864",
+        "resource limits of every container, each `name=soft[:hard]` as `docker run --ulimit` (one value "
+        "sets both; -1 is unlimited), e.g. nofile=1024:2048. Within torchx's -cfg string, where `=` and "
+        "`,` separate options, write `name:soft[:hard]`: ulimits=memlock:-1,stack:67108864",
     )
-
     stop_timeout: int = _option(
         STOP_TIMEOUT,
         int,
@@ -229,25 +208,15 @@ def _runopts(torchx_opts: runopts) -> runopts:
     return torchx_opts
 
 
-def _opts_type() -> type | None:
-    """The type torchx main converts ``cfg`` to before handing it over; None on torchx 0.7."""
-    return PersistentDockerOpts if _TorchxDockerOpts is not None else None
-
-
 def _submitted(info: _DryRun) -> tuple[AppDef | None, dict[str, Any]]:
-    """The AppDef and resolved ``cfg`` that ``submit_dryrun`` attached to ``info``.
-
-    torchx main sets the public ``app`` and ``cfg``; torchx 0.7 the private
-    ``_app`` and ``_cfg``. A hand-made ``AppDryRunInfo`` has neither.
-    """
+    """The AppDef and resolved ``cfg`` that ``submit_dryrun`` attached to ``info``: torchx main's
+    ``app`` and ``cfg``, torchx 0.7's ``_app`` and ``_cfg``; a hand-made ``AppDryRunInfo`` has neither."""
     app = getattr(info, "app", None) or getattr(info, "_app", None)
     cfg = getattr(info, "cfg", None) or getattr(info, "_cfg", None) or {}
     return app, {key: cfg[key] for key in cfg}
 
 
-# ---------------------------------------------------------------------------
-# Input checks: run options and AppDefs, before anything is created
-# ---------------------------------------------------------------------------
+# == Input checks: run options and AppDefs, before anything is created ========
 
 
 def _image_pull(cfg: Mapping[str, Any]) -> str:
@@ -306,11 +275,7 @@ def _stop_timeout(cfg: Mapping[str, Any]) -> int:
 
 
 def _container_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``docker create`` kwargs that shm_size, ipc_mode and ulimits ask for, checked first.
-
-    Raises:
-        ValueError: naming the option, the value and a valid example.
-    """
+    """The ``docker create`` kwargs that shm_size, ipc_mode and ulimits ask for, checked (ValueError)."""
     kwargs: dict[str, Any] = {}
     if cfg.get("shm_size") not in (None, ""):
         kwargs["shm_size"] = _shm_size(cfg["shm_size"])
@@ -372,18 +337,13 @@ def _check_container_names(app: AppDef, names: Iterable[str]) -> None:
             )
 
 
-# ---------------------------------------------------------------------------
-# Records
-# ---------------------------------------------------------------------------
-# Records are frozen dataclasses: a change is a new record (``dataclasses.replace``),
-# so the store can tell what changed by identity and no edit is ever lost. On
-# disk each is a plain dict of builtin types, so that upgrading torchx or docker
-# never breaks reading a session file, and each is checked field by field when
-# it is read back.
+# == Records ==================================================================
+# Records are frozen dataclasses: a change is a new record (``dataclasses.replace``), so the store can tell
+# what changed by identity and no edit is ever lost. On disk each is a plain dict of builtin types, so that
+# upgrading torchx or docker never breaks reading a session file, checked field by field when read back.
 
-#: Where a replica's stdout and stderr are: still in its container, recorded in the
-#: log directory, failed to record (retried; the container is kept), or gone with
-#: a container removed before they were read.
+#: Where a replica's stdout and stderr are: still in its container, recorded in the log directory, failed
+#: to record (retried; the container is kept), or gone with a container removed before they were read.
 LogStatus = Literal["in_container", "recorded", "retry", "lost"]
 
 #: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
@@ -396,10 +356,11 @@ class _CorruptSession(Exception):
     """A session file, or a record in it, that does not have the expected shape."""
 
 
-_Record = TypeVar("_Record")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
-def _from_plain(cls: type[_Record], data: Any) -> _Record:
+def _from_plain(cls: type[_T], data: Any) -> _T:
     """A record of ``cls`` from its plain dict, each field checked against its annotation."""
     if not isinstance(data, dict):
         raise _CorruptSession(f"{cls.__name__} is {type(data).__name__}, not a dict")
@@ -413,8 +374,7 @@ def _from_plain(cls: type[_Record], data: Any) -> _Record:
 
 
 def _to_plain(value: Any) -> Any:
-    """A record as builtin types: a dict of its fields, leaving out those at their defaults
-    (read back as such), which keeps a session file small."""
+    """A record as builtin types: its fields as a dict, but those at their defaults (read back so)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = ((f.name, getattr(value, f.name), f.default) for f in dataclasses.fields(value))
         return {name: _to_plain(v) for name, v, default in fields if v is not default and v != default}
@@ -466,16 +426,11 @@ class RoleRecord:
         return cls(role.name, role.image, role.entrypoint, args, env, role.num_replicas, role.max_retries)
 
     def to_role(self) -> Role:
-        args, env = list(self.args), dict(self.env)
-        return Role(
-            self.name,
-            self.image,
-            entrypoint=self.entrypoint,
-            args=args,
-            env=env,
-            num_replicas=self.num_replicas,
-            max_retries=self.max_retries,
+        role = Role(
+            self.name, self.image, entrypoint=self.entrypoint, args=list(self.args), env=dict(self.env)
         )
+        role.num_replicas, role.max_retries = self.num_replicas, self.max_retries
+        return role
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,8 +465,6 @@ class ReplicaRecord:
     logs: LogStatus = "in_container"
     #: why the logs could not be recorded, while ``logs`` is "retry"
     log_error: str = ""
-    #: whether the recorded logs' timestamps are exact (dockerd's), not to the second (Podman's)
-    exact_stamps: bool = True
 
     @property
     def final(self) -> bool:
@@ -567,10 +520,8 @@ class AppRecord:
         return max((rep.ended or self.created for rep in self.replicas), default=self.created)
 
     def with_ends(self, ends: Mapping[str, _End]) -> AppRecord:
-        """This record with what was learnt of ended replicas (by container name), no longer starting.
-
-        A replica already final takes only a second try at its logs.
-        """
+        """This record with what was learnt of ended replicas (by container name), no longer starting;
+        a replica already final takes only a second try at its logs."""
         replicas = tuple(
             dataclasses.replace(rep, **ends[rep.name])
             if rep.name in ends and (not rep.final or rep.logs_pending)
@@ -580,15 +531,10 @@ class AppRecord:
         return dataclasses.replace(self, replicas=replicas, starting=False)
 
     def with_cancel(self) -> AppRecord:
-        """This record once a cancel was asked for: CANCELLED, unless it failed already (then it
-        stays FAILED: the failure is what ended it)."""
+        """This record once a cancel was asked for: CANCELLED, unless it failed already (it stays FAILED)."""
         if self.start_error or any(rep.failed for rep in self.replicas):
             return self
         return dataclasses.replace(self, cancelled=True)
-
-    def to_plain(self) -> dict[str, Any]:
-        plain: dict[str, Any] = _to_plain(self)
-        return plain
 
 
 # -- building records ---------------------------------------------------------
@@ -631,7 +577,9 @@ def _container_kwargs(plain: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _record_from_job(job: DockerJob, app: AppDef | None, cfg: Mapping[str, Any]) -> AppRecord:
+def _record_from_job(
+    job: DockerJob, app: AppDef | None, cfg: Mapping[str, Any], endpoint: _Endpoint, engine_id: str
+) -> AppRecord:
     """The record schedule() writes before it creates anything: starting, no end seen."""
     replicas = []
     for c in job.containers:
@@ -642,19 +590,11 @@ def _record_from_job(job: DockerJob, app: AppDef | None, cfg: Mapping[str, Any])
     if app is not None:
         roles = tuple(RoleRecord.of(r) for r in app.roles)
     else:  # a hand-made AppDryRunInfo: the containers are all there is
-        roles = _roles_from_replicas(
-            replicas, {c.kwargs["name"]: (c.image, c.command) for c in job.containers}
-        )
-    remove_on_exit, stop_timeout = bool(cfg.get("remove_on_exit", False)), _stop_timeout(cfg)
-    return AppRecord(
-        job.app_id,
-        time.time(),
-        roles,
-        tuple(replicas),
-        remove_on_exit,
-        starting=True,
-        stop_timeout=stop_timeout,
-    )
+        commands = {c.kwargs["name"]: (c.image, c.command) for c in job.containers}
+        roles = _roles_from_replicas(replicas, commands)
+    record = AppRecord(job.app_id, time.time(), roles, tuple(replicas), bool(cfg.get("remove_on_exit")))
+    record = dataclasses.replace(record, starting=True, stop_timeout=_stop_timeout(cfg), engine_id=engine_id)
+    return dataclasses.replace(record, engine_endpoint=endpoint.url, engine_context=endpoint.context)
 
 
 def _roles_from_replicas(
@@ -684,21 +624,19 @@ def _by_app(containers: Iterable[Mapping[str, Any]]) -> dict[str, builtins.list[
     return groups
 
 
-def _records_from_containers(containers: Iterable[Mapping[str, Any]]) -> dict[str, AppRecord]:
-    """Records for apps known only from their containers (none of their ends seen yet)."""
-    records = {}
+def _adopted(containers: Iterable[Mapping[str, Any]]) -> dict[str, tuple[AppRecord, dict[str, AppState]]]:
+    """Records for apps known only from their containers, each with its containers' live states."""
+    adopted = {}
     for app_id, group in _by_app(containers).items():
-        group.sort(key=lambda c: (c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID])))
-        replicas = tuple(
-            ReplicaRecord(
-                c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c)
-            )
+        ids = sorted(
+            (c["Labels"][LABEL_ROLE_NAME], int(c["Labels"][LABEL_REPLICA_ID]), _container_name(c))
             for c in group
         )
+        replicas = tuple(ReplicaRecord(role, k, name) for role, k, name in ids)
         commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
-        roles = _roles_from_replicas(replicas, commands)
-        records[app_id] = AppRecord(app_id, time.time(), roles, replicas)
-    return records
+        record = AppRecord(app_id, time.time(), _roles_from_replicas(replicas, commands), replicas)
+        adopted[app_id] = record, {_container_name(c): _container_state(c) for c in group}
+    return adopted
 
 
 def _job_from_record(record: AppRecord) -> DockerJob:
@@ -840,11 +778,6 @@ def _start_failed(record: AppRecord, reason: str) -> AppRecord:
     return dataclasses.replace(ended, start_error=reason)
 
 
-def _final_state(record: AppRecord) -> str | None:
-    """The state's name once nothing about the app can change any more, else None."""
-    return None if record.asks_docker else _record_state(record, {}).name
-
-
 def _removable(record: AppRecord, among: Iterable[str] | None = None) -> builtins.list[str]:
     """Containers with nothing left to read: their replica's end is recorded, and its logs are
     recorded or lost. ``among`` narrows them to some replicas, by container name."""
@@ -889,15 +822,11 @@ def _describe_record(
     )
 
 
-# ---------------------------------------------------------------------------
-# State directory: held open, no symlink followed
-# ---------------------------------------------------------------------------
-# The state directory holds ``<session>.pickle``, its ``.lock``, the log
-# directory ``<session>.logs`` and the identity file. Session files are
-# unpickled and log files served as an app's output, so the directory is
-# checked once, with each of its parents, then held open by a descriptor:
-# every access after that is relative to it and follows no symlink, so a
-# path swapped later leads nowhere.
+# == State directory: held open, no symlink followed ==========================
+# The state directory holds ``<session>.pickle``, its ``.lock``, the log directory ``<session>.logs`` and
+# the identity file. Session files are unpickled and log files served as an app's output, so the directory
+# is checked once, with each of its parents, then held open by a descriptor: every access after that is
+# relative to it and follows no symlink, so a path swapped later leads nowhere.
 
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
 #: Temporary files, of session writes and log harvests alike; see :py:meth:`_Dir.sweep`.
@@ -951,13 +880,6 @@ def _check_parent(path: str, st: os.stat_result, state_dir: str) -> None:
     )
 
 
-def _symlink_refused(path: str) -> UnsafeStateError:
-    return UnsafeStateError(
-        f"refusing {path}: it is a symbolic link, and docker_scheduler never follows one in its state "
-        "directory. Fix: remove it or move it aside"
-    )
-
-
 #: How often a create-or-open races another process before giving up, as ``tempfile`` does.
 _TRIES = tempfile.TMP_MAX
 
@@ -970,16 +892,13 @@ def _gave_up(code: int, what: str, path: str) -> OSError:
     )
 
 
-class _Dir:
+class _Dir(contextlib.AbstractContextManager["_Dir"]):
     """A directory held open by a descriptor: every access is relative to it, follows no symlink,
     and sets the mode of what it creates explicitly (0700 directories, 0600 files), whatever the umask."""
 
     def __init__(self, fd: int, path: str) -> None:
         self.fd, self.path = fd, path
         self._closer = weakref.finalize(self, os.close, fd)
-
-    def __enter__(self) -> _Dir:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -998,7 +917,10 @@ class _Dir:
             # O_DIRECTORY makes a symlink ENOTDIR, not ELOOP
             st = self.stat(name) if e.errno == errno.ENOTDIR else None
             if e.errno == errno.ELOOP or (st is not None and stat.S_ISLNK(st.st_mode)):
-                raise _symlink_refused(self.where(name)) from e
+                raise UnsafeStateError(
+                    f"refusing {self.where(name)}: it is a symbolic link, and docker_scheduler never follows "
+                    "one in its state directory. Fix: remove it or move it aside"
+                ) from e
             raise
 
     def create(self, name: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int | None:
@@ -1048,23 +970,17 @@ class _Dir:
     def unlink(self, name: str) -> None:
         os.unlink(name, dir_fd=self.fd)
 
-    def names(self) -> builtins.list[str]:
-        return os.listdir(self.fd)
-
     def remove_dir(self, name: str) -> None:
         """Removes the directory ``name`` and the files in it; a symlink is refused, not followed."""
         with self.subdir(name) as inner:
-            for entry in inner.names():
+            for entry in os.listdir(inner.fd):
                 with contextlib.suppress(FileNotFoundError):
                     inner.unlink(entry)
         os.rmdir(name, dir_fd=self.fd)
 
     def temp_file(self, prefix: str) -> tuple[int, str]:
-        """A new temporary file, open for writing and locked while its writer lives.
-
-        The lock is what :py:meth:`sweep` tests; a sweeper that took it first
-        unlinks the file before letting go, which the writer sees and starts over.
-        """
+        """A new temporary file, open for writing and locked while its writer lives (what :py:meth:`sweep`
+        tests; a sweeper that took it first unlinks it, which the writer sees and starts over)."""
         for _ in range(_TRIES):
             name = f".{prefix}.{os.urandom(8).hex()}.tmp"
             fd = self.create(name)
@@ -1078,7 +994,7 @@ class _Dir:
 
     def sweep(self) -> None:
         """Removes the temporary files of writers that died: a live writer holds its file's lock."""
-        for name in self.names():
+        for name in os.listdir(self.fd):
             if _TEMP_NAME.fullmatch(name):
                 with contextlib.suppress(OSError):
                     self._sweep_one(name)
@@ -1118,18 +1034,6 @@ class _Dir:
                 f.close()
 
 
-def _chosen_state_dir(state_dir: str | None) -> tuple[str, str]:
-    """The state directory, and which setting chose it."""
-    if state_dir:
-        return os.path.abspath(os.path.expanduser(state_dir)), "the state_dir argument"
-    if os.environ.get(STATE_DIR_ENV):
-        return os.path.abspath(os.path.expanduser(os.environ[STATE_DIR_ENV])), STATE_DIR_ENV
-    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.abspath(
-        os.path.join(xdg, "docker_scheduler")
-    ), "the default, ${XDG_STATE_HOME:-~/.local/state}"
-
-
 def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OSError:
     """``error`` restated: what failed, on which path, which setting chose it, and what to do."""
     if isinstance(error, UnsafeStateError):
@@ -1143,10 +1047,7 @@ def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OS
 
 def _open_private_dir(path: str) -> _Dir:
     """Opens the state directory ``path``, checking it and each parent, making what is missing 0700.
-
-    The path is resolved once; from there each directory is opened through
-    the one before it, following no symlink, so what is checked is what is held.
-    """
+    Each directory is opened through the one before it, following no symlink: what is checked is held."""
     real = os.path.realpath(path)
     current = _Dir(os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "/")
     parts = [part for part in real.split(os.sep) if part]
@@ -1163,12 +1064,18 @@ def _open_private_dir(path: str) -> _Dir:
 
 
 def _open_state_dir(state_dir: str | None) -> tuple[_Dir, str]:
-    """The state directory, held open, and which setting chose it."""
-    path, chosen_by = _chosen_state_dir(state_dir)
+    """The state directory, held open, and which setting chose it: ``state_dir``, else
+    ``$DOCKER_SCHEDULER_STATE_DIR``, else ``${XDG_STATE_HOME:-~/.local/state}/docker_scheduler``."""
+    if state_dir:
+        path, chosen_by = state_dir, "the state_dir argument"
+    elif os.environ.get(STATE_DIR_ENV):
+        path, chosen_by = os.environ[STATE_DIR_ENV], STATE_DIR_ENV
+    else:
+        path = os.path.join(os.environ.get("XDG_STATE_HOME") or "~/.local/state", "docker_scheduler")
+        chosen_by = "the default, ${XDG_STATE_HOME:-~/.local/state}"
+    path = os.path.abspath(os.path.expanduser(path))
     try:
         return _open_private_dir(path), chosen_by
-    except UnsafeStateError:
-        raise
     except OSError as e:
         raise _state_dir_error(e, path, chosen_by, f"create {path}") from e
 
@@ -1177,11 +1084,8 @@ _IDENTITY = re.compile(r"[0-9a-f]{32}")
 
 
 def _state_dir_identity(state: _Dir) -> str:
-    """The state directory's identity: read from :py:data:`IDENTITY_FILE`, made with it if missing.
-
-    A new one is written whole to a temporary file and linked into place, so
-    two processes that make it at once agree on the first one linked.
-    """
+    """The state directory's identity, from :py:data:`IDENTITY_FILE`; made if missing, linked into place
+    whole, so two processes that make it at once agree on the first one linked."""
     if state.stat(IDENTITY_FILE) is None:
         with state.written(IDENTITY_FILE, replace=False) as f:
             f.write(f"{uuid.uuid4().hex}\n".encode())
@@ -1196,9 +1100,7 @@ def _state_dir_identity(state: _Dir) -> str:
     return identity
 
 
-# ---------------------------------------------------------------------------
-# Session store
-# ---------------------------------------------------------------------------
+# == Session store ============================================================
 # The session file is unpickled, so it must be private: owned by the user,
 # writable by nobody else, and read with an unpickler that allows no globals.
 
@@ -1217,15 +1119,14 @@ def _unpickled(source: Any, what: str) -> Any:
         raise _CorruptSession(f"{what}: {type(e).__name__}: {e}") from e
 
 
-#: One app in the session file: when it was scheduled, its state once nothing can
-#: change it (so that ``list`` need not decode it), and its record, pickled on its
-#: own so that a write pickles only the records that changed.
+#: One app in the session file: when it was scheduled, its state once nothing can change it (so that
+#: ``list`` need not decode it), and its record, pickled on its own so a write pickles only what changed.
 _Entry = tuple[float, "str | None", bytes]
 
 
 def _encode(record: AppRecord) -> _Entry:
-    blob = pickle.dumps(record.to_plain(), protocol=pickle.HIGHEST_PROTOCOL)
-    return (record.created, _final_state(record), blob)
+    final = None if record.asks_docker else _record_state(record, {}).name  # nothing can change it
+    return (record.created, final, pickle.dumps(_to_plain(record), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _decode(app_id: str, blob: bytes) -> AppRecord:
@@ -1241,18 +1142,14 @@ def _decode(app_id: str, blob: bytes) -> AppRecord:
 
 def _checked_entry(app_id: Any, entry: Any) -> _Entry:
     """``entry`` if it has an entry's shape. Checked when used, so that a read decodes what it asks."""
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # not three values, or an unhashable state
         created, state, blob = entry
-    except (TypeError, ValueError):
-        created = None
-    if type(app_id) is not str or type(created) is not float or type(blob) is not bytes:
-        raise _CorruptSession(f"malformed entry for {app_id!r}")
-    if state not in _STATE_NAMES:
-        raise _CorruptSession(f"malformed entry for {app_id!r}")
-    return cast(_Entry, entry)
+        if type(app_id) is str and type(created) is float and type(blob) is bytes and state in _STATES:
+            return cast(_Entry, entry)
+    raise _CorruptSession(f"malformed entry for {app_id!r}")
 
 
-_STATE_NAMES = frozenset([None, *AppState.__members__])
+_STATES = frozenset([None, *AppState.__members__])
 
 
 def _read_entries(data: Any, session_name: str) -> dict[str, _Entry]:
@@ -1274,39 +1171,15 @@ def _fingerprint(st: os.stat_result) -> _Fingerprint:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-class _Changes:
-    """An update's view of the session: the store's records, and what it sets or deletes."""
-
-    def __init__(self, store: _SessionStore) -> None:
-        self._store = store
-        #: app id to its new record, or None when deleted
-        self.changes: dict[str, AppRecord | None] = {}
-
-    def get(self, app_id: str) -> AppRecord | None:
-        return self.changes[app_id] if app_id in self.changes else self._store.record(app_id)
-
-    def __setitem__(self, app_id: str, record: AppRecord) -> None:
-        self.changes[app_id] = record
-
-    def pop(self, app_id: str) -> None:
-        if self.get(app_id) is not None:  # nothing to write for an app the session does not hold
-            self.changes[app_id] = None
-
-
 class _SessionStore:
-    """The session file: re-read only when it changed, replaced atomically under a lock.
-
-    Reading the file unpickles one dict of entries; a record is decoded only
-    when asked for, so a process that asks for one app pays for one record.
-    A file or record that does not have the expected shape is moved aside
-    under the lock, and the session rebuilt by ``rebuild``.
-    """
+    """The session file: re-read only when it changed, replaced atomically under a lock. A record is
+    decoded only when asked for; a file or record of another shape is moved aside under the lock, and
+    the session rebuilt by ``rebuild``."""
 
     def __init__(self, state: _Dir, session_name: str, rebuild: Callable[[], dict[str, AppRecord]]) -> None:
         self._dir, self._name, self._lock_name = state, f"{session_name}.pickle", f"{session_name}.lock"
         self.path = state.where(self._name)
-        self._session_name = session_name
-        self._rebuild = rebuild
+        self._session_name, self._rebuild = session_name, rebuild
         self._fingerprint: _Fingerprint | None = None
         self._entries: dict[str, _Entry] = {}
         self._records: dict[str, AppRecord] = {}  # decoded so far
@@ -1320,42 +1193,39 @@ class _SessionStore:
     def summaries(self) -> builtins.list[tuple[str, str | None]]:
         """Each app's id and its final state's name (None while it can change), oldest first."""
         self._refresh()
-        try:
-            return self._summaries()
-        except _CorruptSession as e:
-            self._recover(e, self._summaries)
-            return self._summaries()
+        return self._recovering(self._summaries)
 
     def _summaries(self) -> builtins.list[tuple[str, str | None]]:
         entries = [(app_id, _checked_entry(app_id, entry)) for app_id, entry in self._entries.items()]
         return [(app_id, entry[1]) for app_id, entry in sorted(entries, key=lambda item: item[1][0])]
 
     @contextlib.contextmanager
-    def update(self) -> Iterator[_Changes]:
-        """Yields the freshest apps under the lock, and writes back what was changed."""
+    def update(self) -> Iterator[dict[str, AppRecord | None]]:
+        """Reads the file again under the lock, and yields the changes to write back on a clean exit:
+        an app's new record, or None to delete it. :py:meth:`record` gives the records as read."""
         with self._locked():
             self._refresh()
-            apps = _Changes(self)
-            yield apps
-            if apps.changes:
-                self._write(apps.changes)
+            changes: dict[str, AppRecord | None] = {}
+            yield changes
+            if changes:
+                self._write(changes)
 
     def record(self, app_id: str) -> AppRecord | None:
         """The record as last read, decoded on first use."""
-        if app_id not in self._entries:
-            return None
+        return self._recovering(lambda: self._decoded(app_id) if app_id in self._entries else None)
+
+    def _recovering(self, read: Callable[[], _T]) -> _T:
+        """``read()``; when it finds the file corrupt, read again once :py:meth:`_recover` ran."""
         try:
-            return self._decoded(app_id)
+            return read()
         except _CorruptSession as e:
-            self._recover(e, lambda: app_id in self._entries and self._decoded(app_id))
-            return self._records.get(app_id)
+            self._recover(e, read)
+            return read()
 
     def _decoded(self, app_id: str) -> AppRecord:
-        record = self._records.get(app_id)
-        if record is None:
-            record = _decode(app_id, _checked_entry(app_id, self._entries[app_id])[2])
-            self._records[app_id] = record
-        return record
+        if app_id not in self._records:
+            self._records[app_id] = _decode(app_id, _checked_entry(app_id, self._entries[app_id])[2])
+        return self._records[app_id]
 
     def _refresh(self) -> None:
         st = self._dir.stat(self._name)
@@ -1384,23 +1254,14 @@ class _SessionStore:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             _check_private(self.path, st)
-            data = _unpickled(f, "the file")
-        self._fingerprint, self._entries, self._records = (
-            _fingerprint(st),
-            _read_entries(data, self._session_name),
-            {},
-        )
+            entries = _read_entries(_unpickled(f, "the file"), self._session_name)
+        self._fingerprint, self._entries, self._records = _fingerprint(st), entries, {}
 
     def _quarantine(self, error: Exception) -> None:
         aside = f"{self._name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self._dir.replace(self._name, self._dir, aside)
-        log.warning(
-            "session file %s could not be read (%s); moved it to %s and rebuilt the session "
-            "from the containers labelled with it",
-            self.path,
-            error,
-            self._dir.where(aside),
-        )
+        moved = f"session file {self.path} could not be read ({error}); moved it to {self._dir.where(aside)}"
+        log.warning("%s and rebuilt the session from the containers labelled with it", moved)
         try:
             rebuilt = self._rebuild()
         except Exception as e:
@@ -1427,28 +1288,19 @@ class _SessionStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # flock is per open file, so a thread that already holds it must not take it again.
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
-            try:
-                yield
-            finally:
-                self._held.depth -= 1
+        if getattr(self._held, "fd", None) is not None:
+            yield
             return
-        fd = self._dir.lock_file(self._lock_name)
+        fd = self._held.fd = self._dir.lock_file(self._lock_name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
+            yield
         finally:
+            self._held.fd = None
             os.close(fd)
 
 
-# ---------------------------------------------------------------------------
-# Docker adapter
-# ---------------------------------------------------------------------------
+# == Docker adapter ===========================================================
 
 
 class DockerUnavailableError(RuntimeError):
@@ -1465,20 +1317,17 @@ class _Endpoint:
     url: str
     #: the Docker CLI context that named it; empty for ``DOCKER_HOST`` and the default
     context: str = ""
-
-    @property
-    def hint(self) -> str:
-        """The setting that reaches it from another shell."""
-        return f"DOCKER_CONTEXT={self.context}" if self.context else f"DOCKER_HOST={self.url}"
+    #: the TLS settings the context holds; None for the others
+    tls: Any = dataclasses.field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.url} (Docker context {self.context!r})" if self.context else self.url
 
 
-def _endpoint() -> tuple[_Endpoint, Any]:
-    """The endpoint in use, and the TLS settings its context holds (None for the others)."""
+def _endpoint() -> _Endpoint:
+    """The endpoint in use."""
     if os.environ.get("DOCKER_HOST"):
-        return _Endpoint(os.environ["DOCKER_HOST"]), None
+        return _Endpoint(os.environ["DOCKER_HOST"])
     named = os.environ.get("DOCKER_CONTEXT") or None
     context = docker.context.ContextAPI.get_context(named)
     if context is None:
@@ -1487,8 +1336,8 @@ def _endpoint() -> tuple[_Endpoint, Any]:
             "unset DOCKER_CONTEXT, or set it or DOCKER_HOST to an engine that runs"
         )
     if context.name == "default" or not context.Host:
-        return _Endpoint(_DEFAULT_SOCKET), None
-    return _Endpoint(context.Host, context.name), context.TLSConfig
+        return _Endpoint(_DEFAULT_SOCKET)
+    return _Endpoint(context.Host, context.name, context.TLSConfig)
 
 
 def _unavailable(endpoint: _Endpoint, cause: BaseException) -> DockerUnavailableError:
@@ -1496,10 +1345,6 @@ def _unavailable(endpoint: _Endpoint, cause: BaseException) -> DockerUnavailable
         f"cannot reach the Docker engine at {endpoint} ({cause}); start it (e.g. `dockerd` or "
         "`systemctl start docker`), or point DOCKER_HOST or DOCKER_CONTEXT at one that runs"
     )
-
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 def _fan_out(fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
@@ -1533,10 +1378,9 @@ _NETWORK_LOCK = "torchx_docker_network_lock"
 
 @contextlib.contextmanager
 def _network_lock(timeout: float = 10) -> Iterator[None]:
-    """Holds torchx's network lock, or goes on without it, saying why, when it cannot be had.
-
-    ``flock`` needs no write access, so a lock file another user made serves too.
-    """
+    """Holds torchx's network lock, or goes on without it, saying why, when it cannot be had (within
+    ``timeout`` seconds, as torchx waits). ``flock`` needs no write access, so a lock file another
+    user made serves too."""
     where = tempfile.gettempdir()
     try:
         with _Dir(os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), where) as tmp:
@@ -1545,51 +1389,32 @@ def _network_lock(timeout: float = 10) -> Iterator[None]:
         log.info("making torchx's network without its lock: cannot open it in %s (%s)", where, e)
         yield
         return
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
+    with os.fdopen(fd, "rb"):  # closes it
+        for _ in range(int(timeout / 0.05)):
+            with contextlib.suppress(BlockingIOError):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    log.warning(
-                        "making torchx's network without its lock: %s in %s is held for %ds",
-                        _NETWORK_LOCK,
-                        where,
-                        timeout,
-                    )
-                    break
-                time.sleep(0.05)
+            time.sleep(0.05)
+        else:
+            log.warning("making torchx's network without its lock: %s in %s is held", _NETWORK_LOCK, where)
         yield
-    finally:
-        os.close(fd)
 
 
 class _Docker:
-    """The Docker engine as this module uses it, one method an endpoint: the engine chosen, one lazily
-    made client, containers found by label, creation with rollback, stop and remove side by side,
-    events, images, and log bodies.
-
-    Connection failures come out as :py:class:`DockerUnavailableError`, naming the endpoint.
-    """
+    """The Docker engine, one method an endpoint; connection failures are DockerUnavailableError."""
 
     def __init__(self) -> None:
         self._client: DockerClient | None = None
 
     @functools.cached_property
-    def _chosen(self) -> tuple[_Endpoint, Any]:
-        return _endpoint()
-
-    @property
     def endpoint(self) -> _Endpoint:
         """The engine this process talks to (see :py:class:`_Endpoint`)."""
-        return self._chosen[0]
+        return _endpoint()
 
     @property
     def client(self) -> DockerClient:
         if self._client is None:
-            endpoint, tls = self._chosen
+            endpoint = self.endpoint
             if endpoint.url.startswith("ssh://") and importlib.util.find_spec("paramiko") is None:
                 raise DockerUnavailableError(
                     f"{endpoint} is an ssh endpoint, and docker-py reaches those only with paramiko "
@@ -1599,7 +1424,7 @@ class _Docker:
             try:
                 if endpoint.context:  # docker-py before 7.2 ignores contexts: name the host it gives
                     self._client = docker.DockerClient(
-                        base_url=endpoint.url, tls=tls or False, use_ssh_client=True
+                        base_url=endpoint.url, tls=endpoint.tls or False, use_ssh_client=True
                     )
                 else:
                     self._client = docker.from_env(use_ssh_client=True)
@@ -1635,37 +1460,30 @@ class _Docker:
 
     def inspect(self, name: str) -> dict[str, Any] | None:
         """``docker inspect`` of a container, or None when it is gone."""
-        try:
-            inspected: dict[str, Any] = self.client.api.inspect_container(name)
-        except NotFound:
-            return None
-        return inspected
+        with contextlib.suppress(NotFound):
+            return cast("dict[str, Any]", self.client.api.inspect_container(name))
+        return None
 
     def start_all(
         self, containers: Sequence[DockerContainer]
     ) -> tuple[DockerContainer, BaseException] | None:
-        """Creates and starts every container; when one fails, removes them all.
-
-        Returns the first container that failed and its error, or None when all started.
-        """
+        """Creates and starts every container; if one fails, removes them all and returns it and its error."""
         client = self.client
 
-        def start(c: DockerContainer) -> BaseException | None:
+        def start(c: DockerContainer) -> tuple[DockerContainer, BaseException] | None:
             try:
                 client.containers.create(c.image, c.command, **c.kwargs).start()
             except Exception as e:
-                return e
+                return c, e
             return None
 
         with self._reaching():
-            errors = _fan_out(start, containers)
-            failed = [(c, e) for c, e in zip(containers, errors, strict=True) if e is not None]
-            if not failed:
-                return None
-            self.remove([str(c.kwargs["name"]) for c in containers])
-            if isinstance(failed[0][1], requests.exceptions.ConnectionError):
-                raise failed[0][1]
-        return failed[0]
+            failed = [failure for failure in _fan_out(start, containers) if failure is not None]
+            if failed:
+                self.remove([str(c.kwargs["name"]) for c in containers])
+                if isinstance(failed[0][1], requests.exceptions.ConnectionError):
+                    raise failed[0][1]
+        return failed[0] if failed else None
 
     def stop(self, names: Sequence[str], timeout: int = STOP_TIMEOUT) -> None:
         self._each(names, lambda api, name: api.stop(name, timeout=timeout))
@@ -1718,12 +1536,8 @@ class _Docker:
             self.ensure_network()
 
     def ensure_network(self, name: str = NETWORK) -> None:
-        """Makes torchx's network unless it exists, under torchx's lock.
-
-        Unlike torchx's ``ensure_network``, it takes the lock only to make the
-        network, and opens the lock file read-only: so another user's run that
-        made the file first does not stop this one.
-        """
+        """Makes torchx's network unless it exists, under torchx's lock; unlike torchx's ``ensure_network``,
+        only to make it, and opening the lock file read-only, so another user's file does not stop this."""
         if any(n.get("Name") == name for n in self.client.api.networks(names=[name])):
             return
         with _network_lock():
@@ -1767,12 +1581,8 @@ class _Docker:
         log.info("pulled image %s", image)
 
     def logs(self, name: str, streams: Iterable[str], **options: float | bool | None) -> requests.Response:
-        """One ``GET /containers/<name>/logs`` for ``streams``, its body left to read.
-
-        ``options`` are the endpoint's: ``timestamps``, ``follow``, ``since`` and ``until``
-        (None leaves one out). docker-py reads such a body a frame at a time; reading it in
-        large blocks (see :py:func:`_frames`) is what makes a harvest as fast as ``docker logs``.
-        """
+        """One ``GET /containers/<name>/logs`` for ``streams``, its body left to read; ``options`` are
+        the endpoint's (``timestamps``, ``follow``, ``since``, ``until``; None leaves one out)."""
         params: dict[str, Any] = {
             k: int(v) if isinstance(v, bool) else v for k, v in options.items() if v is not None
         }
@@ -1793,16 +1603,13 @@ class _Docker:
         return response
 
 
-# ---------------------------------------------------------------------------
-# Logs: harvested from Docker's log stream into files, served from either
-# ---------------------------------------------------------------------------
-# One room: how a log is read from Docker, written, read back and served.
-# A harvested log is what `docker logs --timestamps` prints for one stream:
-# each line starts with Docker's fixed-width RFC 3339 UTC timestamp and a space,
-# so since/until compare as bytes and two streams merge in time order.
+# == Logs: harvested from Docker's log stream into files, served from either ===
+# One room: how a log is read from Docker, written, read back and served. A harvested log is what
+# `docker logs --timestamps` prints for one stream: each line starts with Docker's fixed-width RFC 3339
+# UTC timestamp and a space, so since/until compare as bytes and two streams merge in time order.
 
-# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the
-# fraction (or prints none) and may print an offset.
+# dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the fraction (or prints
+# none) and may print an offset.
 _TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
 
 
@@ -1835,15 +1642,12 @@ def _finished_at(stamp: Any) -> float:
     if parsed is None:
         return time.time()
     base, fraction, _ = parsed
-    finished = (
-        datetime.fromisoformat(base.decode()).replace(tzinfo=timezone.utc).timestamp() + int(fraction) / 1e9
-    )
+    finished = datetime.fromisoformat(f"{base.decode()}+00:00").timestamp() + int(fraction) / 1e9
     return finished if finished > 0 else time.time()
 
 
 def _epoch(dt: datetime | None) -> float | None:
-    """``dt`` in epoch seconds, or None when it filters nothing. A naive datetime is local
-    time, as docker-py and torchx's ``local_docker`` take it."""
+    """``dt`` in epoch seconds (naive is local time, as docker-py takes it), or None if it filters nothing."""
     if dt is None:
         return None
     seconds = dt.timestamp()
@@ -1861,28 +1665,21 @@ def _docker_time(dt: datetime | None) -> bytes | None:
 _STAMP_SIZE, _SECOND_SIZE = 30, 19
 
 
-def _within(stamp: bytes, exact: bool, low: bytes | None, high: bytes | None) -> bool:
-    """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``.
-
-    A stamp that is not ``exact`` (Podman's, to the whole second) stands for its
-    whole second, so the line is compared at that precision: one printed in the
-    second that holds ``low`` or ``high`` may lie inside, and is kept.
-    """
-    size = _STAMP_SIZE if exact else _SECOND_SIZE
+def _within(stamp: bytes, low: bytes | None, high: bytes | None) -> bool:
+    """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``. A stamp
+    on a whole second (Podman stamps to the second) stands for that second: so it is compared."""
+    size = _SECOND_SIZE if stamp[_SECOND_SIZE : _STAMP_SIZE - 1] == b".000000000" else _STAMP_SIZE
     return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
 
 
-# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero
-# bytes, big-endian payload size) and a payload; a TTY container's log is raw.
+# Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero bytes, big-endian
+# payload size) and a payload; a TTY container's log is raw.
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _STDOUT, _STDERR = 1, 2
 
 
 def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(stream id, payload) for each frame of a log body read in blocks of any size.
-
-    A raw (TTY) body has no frames: each of its lines comes out as one stdout payload.
-    """
+    """(stream id, payload) for each frame of a log body read in blocks; a TTY body's lines as stdout."""
     blocks = iter(blocks)
     head = b""
     for block in blocks:  # a frame header is 8 bytes: decide on no less
@@ -1938,8 +1735,7 @@ def _stamped_lines(
     for stream, payload in frames:
         raw, _, text = payload.partition(b" ")
         if not continued.get(stream):
-            fixed = _fixed_stamp(raw + b" ")
-            keep[stream] = _within(fixed[:-1], fixed[:-1] == raw, low, high)
+            keep[stream] = _within(_fixed_stamp(raw + b" ")[:-1], low, high)
         continued[stream] = not text.endswith(b"\n")
         if keep[stream]:
             yield text
@@ -1947,51 +1743,31 @@ def _stamped_lines(
 
 def _write_streams(
     frames: Iterable[tuple[int, bytes]], temps: _Dir, into: _Dir, names: Mapping[int, str]
-) -> bool:
-    """Writes each stream's frames to its file ``names`` in ``into``, through temporary files in
-    ``temps``; each file appears whole or not at all.
-
-    Returns whether every timestamp was dockerd's own, exact to the nanosecond.
-    """
+) -> None:
+    """Writes each stream's frames to its file ``names`` in ``into`` (via ``temps``), whole or not at all."""
     with contextlib.ExitStack() as stack:
         files = {stream: stack.enter_context(temps.written(name, into)) for stream, name in names.items()}
-        continued, exact = dict.fromkeys(names, False), True
+        continued = dict.fromkeys(names, False)
         for stream, payload in frames:
             out = files.get(stream)
-            if out is None:
-                continue
-            # A line Docker split into frames keeps its first timestamp only.
-            if continued[stream]:
-                payload = payload.partition(b" ")[2]
-            else:
-                fixed = _fixed_stamp(payload)
-                exact, payload = exact and fixed is payload, fixed
-            out.write(payload)
-            continued[stream] = not payload.endswith(b"\n")
-    return exact
+            if out is not None:
+                # A line Docker split into frames keeps its first timestamp only.
+                payload = payload.partition(b" ")[2] if continued[stream] else _fixed_stamp(payload)
+                out.write(payload)
+                continued[stream] = not payload.endswith(b"\n")
 
 
 def _read_harvested(
-    f: typing.BinaryIO, since: datetime | None, until: datetime | None, exact: bool
+    f: typing.BinaryIO, low: bytes | None, high: bytes | None
 ) -> Iterator[tuple[bytes, bytes]]:
-    size = _STAMP_SIZE if exact else _SECOND_SIZE  # stamps to the second compare so: see _within
-    low, high = (None if t is None else t[:size] for t in (_docker_time(since), _docker_time(until)))
+    """A harvested file's stamps and lines within ``low`` and ``high`` (see :py:func:`_within`)."""
     with f:
         for raw in f:
             ts, _, text = raw.partition(b" ")
-            if low is not None and ts[:size] < low:
-                continue
-            if high is not None and ts[:size] > high:
-                break
-            yield ts, text
-
-
-def _harvested_lines(
-    files: Sequence[typing.BinaryIO], since: datetime | None, until: datetime | None, exact: bool
-) -> Iterator[bytes]:
-    streams = [_read_harvested(f, since, until, exact) for f in files]
-    for _, text in heapq.merge(*streams, key=lambda entry: entry[0]):
-        yield text
+            if high is not None and not _within(ts, None, high):
+                break  # the file is in time order
+            if low is None or _within(ts, low, None):
+                yield ts, text
 
 
 # -- the log directory: harvesting and serving ----------------------------------
@@ -2015,13 +1791,9 @@ def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
 
 
 class _Logs:
-    """Every replica's logs: harvested from Docker once it ends, and served, live from Docker
-    until then and from the harvested files after.
-
-    The files are ``<state_dir>/<session>.logs/<app_id>/<role>.<id>.<stream>``; the app's
-    directory also holds its start lock and the marker that says its containers started.
-    Each is opened through the state directory's descriptor, refusing symlinks.
-    """
+    """Every replica's logs: harvested from Docker once it ends, and served, live from Docker until
+    then and from the files after: ``<state_dir>/<session>.logs/<app_id>/<role>.<id>.<stream>``. The
+    app's directory also holds its start lock and the marker that says its containers started."""
 
     def __init__(self, state: _Dir, session_name: str, docker_: _Docker) -> None:
         self._state, self._name, self._docker = state, f"{session_name}.logs", docker_
@@ -2048,11 +1820,8 @@ class _Logs:
         return f"{rep.role}.{rep.id}.{stream}"
 
     def lock_start(self, app_id: str) -> contextlib.ExitStack:
-        """Takes the app's start lock, which readers test to leave a starting record alone.
-
-        The lock is a ``flock`` on the app's directory, so it dies with the process
-        that holds it; it is released when the returned stack closes.
-        """
+        """Takes the app's start lock, which readers test to leave a starting record alone: a ``flock``
+        on the app's directory, so it dies with its process; released when the returned stack closes."""
         held = contextlib.ExitStack()
         app = held.enter_context(self._app(app_id, create=True))
         fcntl.flock(app.fd, fcntl.LOCK_EX)
@@ -2060,14 +1829,12 @@ class _Logs:
 
     def start_in_progress(self, app_id: str) -> bool:
         try:
-            app = self._app(app_id)
-        except OSError:
-            return False
-        with app:
-            try:
+            with self._app(app_id) as app:
                 fcntl.flock(app.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass
         return False
 
     def mark_started(self, app_id: str) -> None:
@@ -2096,11 +1863,9 @@ class _Logs:
 
     def remove(self, app_id: str) -> None:
         """Removes the app's harvested logs; a symlink where they should be is refused, not followed."""
-        if not _CONTAINER_NAME.fullmatch(app_id):
-            return
         try:
             with self._state.subdir(self._name) as root:
-                root.remove_dir(app_id)
+                root.remove_dir(self._checked(app_id))
         except FileNotFoundError:
             return
         except UnsafeStateError:
@@ -2111,42 +1876,28 @@ class _Logs:
     # -- harvesting ----------------------------------------------------------
 
     def harvest(self, app_id: str, rep: ReplicaRecord) -> _End:
-        """Streams an ended replica's stdout and stderr from Docker to its files.
-
-        Returns its new log status; a failure is logged (once for each cause) and returned, not raised.
-        """
+        """Streams an ended replica's stdout and stderr from Docker to its files; returns its new log
+        status. A failure is logged (once for each cause) and returned, not raised."""
         try:
             response = self._docker.logs(rep.name, ("stdout", "stderr"), timestamps=True, follow=False)
-            with contextlib.closing(response):
-                exact = self._write(app_id, rep, _frames(response.iter_content(_READ_SIZE)))
+            with contextlib.closing(response), self._app(app_id, create=True) as app:
+                self._state.sweep()  # the temporary files of killed writers
+                names = {_STDOUT: self._file(rep, "stdout"), _STDERR: self._file(rep, "stderr")}
+                _write_streams(_frames(response.iter_content(_READ_SIZE)), self._state, app, names)
         except NotFound:
             log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
             return {"logs": "lost", "log_error": ""}
         except (DockerException, DockerUnavailableError, OSError, requests.exceptions.RequestException) as e:
             reason, fix = _harvest_failure(e, self.app_dir(app_id))
+            # Said before the exit code is written: whether that worked, its own warning says.
             _warn_once(
                 self._warned,
                 (rep.name, reason),
-                # Said before the exit code is written: whether that worked, its own warning says.
-                "could not record the logs of container %s (%s): the container is kept until they "
-                "are; %s. The next describe, list, log_iter or close tries again",
-                rep.name,
-                reason,
-                fix,
+                f"could not record the logs of container {rep.name} ({reason}): the container is kept until "
+                f"they are; {fix}. The next describe, list, log_iter or close tries again",
             )
             return {"logs": "retry", "log_error": reason}
-        return {"logs": "recorded", "log_error": "", "exact_stamps": exact}
-
-    def _write(self, app_id: str, rep: ReplicaRecord, frames: Iterable[tuple[int, bytes]]) -> bool:
-        """Writes a replica's stdout and stderr frames to its two files, each whole or not at all.
-
-        Temporary files that killed writers left are removed first. Returns
-        whether the engine's timestamps were exact (see :py:func:`_within`).
-        """
-        self._state.sweep()
-        with self._app(app_id, create=True) as app:
-            names = {_STDOUT: self._file(rep, "stdout"), _STDERR: self._file(rep, "stderr")}
-            return _write_streams(frames, self._state, app, names)
+        return {"logs": "recorded", "log_error": ""}
 
     # -- serving -------------------------------------------------------------
 
@@ -2196,42 +1947,30 @@ class _Logs:
     def _recorded(
         self, app_id: str, rep: ReplicaRecord, streams: Sequence[str], window: _Window
     ) -> Iterator[bytes]:
-        """The harvested lines of ``streams``, merged in time order, within ``window``.
-
-        Raises:
-            FileNotFoundError: when a harvested file is gone (removed by hand).
-        """
+        """The harvested lines of ``streams`` within ``window``, in time order (FileNotFoundError: gone)."""
         with self._app(app_id) as app, contextlib.ExitStack() as opened:
             files = [opened.enter_context(os.fdopen(app.open(self._file(rep, s)), "rb")) for s in streams]
             opened.pop_all()  # the reader closes them
-        return _harvested_lines(files, *window, rep.exact_stamps)
+        low, high = (_docker_time(t) for t in window)
+        merged = heapq.merge(*(_read_harvested(f, low, high) for f in files), key=lambda entry: entry[0])
+        return (text for _, text in merged)
 
     def _harvested_again(
         self, app_id: str, rep: ReplicaRecord, streams: Sequence[str], window: _Window
     ) -> Iterator[bytes]:
         """Logs whose harvested files were removed by hand: harvested again while the container is kept."""
-        where = self.app_dir(app_id)
+        files = f"the log files of {rep.name} in {self.app_dir(app_id)}"
         if self._docker.inspect(rep.name) is None:
-            log.warning(
-                "the logs of %s are gone: their files in %s were removed, and so was its container",
-                rep.name,
-                where,
-            )
+            log.warning("%s were removed, and so was its container: the logs are gone", files)
             return iter(())
-        log.warning(
-            "the log files of %s in %s were removed; reading them again from its container", rep.name, where
-        )
+        log.warning("%s were removed; reading them again from its container", files)
         end = self.harvest(app_id, rep)
         if end["logs"] != "recorded":  # could not write them: serve them from Docker
             return self._live(rep.name, streams, window, False)
-        return self._recorded(
-            app_id, dataclasses.replace(rep, exact_stamps=end["exact_stamps"]), streams, window
-        )
+        return self._recorded(app_id, rep, streams, window)
 
 
-# ---------------------------------------------------------------------------
-# Ownership: a state directory's containers, an app's engine
-# ---------------------------------------------------------------------------
+# == Ownership: a state directory's containers, an app's engine ===============
 
 
 class _OtherEngine(RuntimeError):
@@ -2257,15 +1996,9 @@ class _Ownership:
         """The labels of the session's containers in this state directory."""
         return {LABEL_SESSION: self._session_name, LABEL_STATE_DIR: self._identity()}
 
-    def of_app(self, app_id: str) -> builtins.list[dict[str, Any]]:
-        """The app's containers, when they are this session's in this state directory."""
-        return self._owned({**self.labels, LABEL_APP_ID: app_id})
-
-    def of_session(self) -> builtins.list[dict[str, Any]]:
-        """Every container of the session in this state directory."""
-        return self._owned(self.labels)
-
-    def _owned(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
+    def containers(self, app_id: str | None = None) -> builtins.list[dict[str, Any]]:
+        """The session's containers in this state directory: all, or those of ``app_id``."""
+        labels = self.labels if app_id is None else {**self.labels, LABEL_APP_ID: app_id}
         return [c for c in self._docker.containers(labels) if self._named_well(c)]
 
     def _named_well(self, container: Mapping[str, Any]) -> bool:
@@ -2275,15 +2008,12 @@ class _Ownership:
         app_id, role, replica = (labels.get(k, "") for k in (LABEL_APP_ID, LABEL_ROLE_NAME, LABEL_REPLICA_ID))
         if _CONTAINER_NAME.fullmatch(app_id) and _CONTAINER_NAME.fullmatch(f"x{role}") and replica.isdigit():
             return True
+        name = _container_name(container)
         _warn_once(
             self._warned,
-            (_container_name(container), "labels"),
-            "ignoring container %s: its labels name app %r, role %r, replica %r, which no app submitted here "
-            "could have; nothing is recorded or written for it",
-            _container_name(container),
-            app_id,
-            role,
-            replica,
+            (name, "labels"),
+            f"ignoring container {name}: its labels name app {app_id!r}, role {role!r}, replica {replica!r}, "
+            "which no app submitted here could have; nothing is recorded or written for it",
         )
         return False
 
@@ -2297,22 +2027,19 @@ class _Ownership:
         if record.engine_id == self._docker.engine_id:  # the same engine, reached another way (ssh, tcp)
             return
         there = _Endpoint(record.engine_endpoint, record.engine_context)
+        setting = f"DOCKER_CONTEXT={there.context}" if there.context else f"DOCKER_HOST={there.url}"
         raise _OtherEngine(
             f"app {record.app_id} runs on the Docker engine at {there} (ID {record.engine_id}), and this "
             f"scheduler talks to the one at {here} (ID {self._docker.engine_id}): its state is as last "
-            f"recorded; set {there.hint} to reach it",
+            f"recorded; set {setting} to reach it",
             record,
         )
 
 
-# ---------------------------------------------------------------------------
-# Reconciliation: what a record and Docker's listing call for
-# ---------------------------------------------------------------------------
-# Deciding is pure: _plan() looks at a record and the containers Docker listed
-# for it, and says which replicas still run, which ended and must be inspected
-# and harvested, whose logs to try again, and which ends are known already.
-# _Reconciler carries the plan out, records the ends, and only then removes
-# containers.
+# == Reconciliation: what a record and Docker's listing call for ==============
+# Deciding is pure: _plan() looks at a record and the containers Docker listed for it, and says which
+# replicas still run, which ended and must be inspected and harvested, whose logs to try again, and
+# which ends are known already. _Reconciler carries the plan out, records the ends, then removes containers.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2343,12 +2070,9 @@ def _plan(
     started: bool,
     now: float,
 ) -> _Plan:
-    """Decides what ``listed`` (containers by name) means for ``record``; performs no I/O.
-
-    A record still starting in another process is left alone: its replicas read
-    as listed. Once its start is over, a replica without a container was never
-    created, unless the app's started marker says otherwise.
-    """
+    """Decides what ``listed`` (containers by name) means for ``record``; performs no I/O. A record
+    still starting in another process is left alone; once its start is over, a replica without a
+    container was never created, unless the app's started marker says otherwise."""
     if record.starting and start_in_progress:
         return _Plan(live={name: _container_state(c) for name, c in listed.items()})
     live: dict[str, AppState] = {}
@@ -2399,15 +2123,11 @@ class _Reconciler:
 
     def rebuild(self) -> dict[str, AppRecord]:
         """Records for every app of the session that Docker has containers of."""
-        return _records_from_containers(self._ours.of_session())
+        return {app_id: record for app_id, (record, _) in _adopted(self._ours.containers()).items()}
 
     def unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
         """A record for an app known only from its containers, and their states; or None."""
-        containers = self._ours.of_app(app_id)
-        record = _records_from_containers(containers).get(app_id)
-        if record is None:
-            return None
-        return record, {_container_name(c): _container_state(c) for c in containers}
+        return _adopted(self._ours.containers(app_id)).get(app_id)
 
     def adopted(self, app_id: str) -> AppRecord | None:
         """A record for an app known only from its containers; or None."""
@@ -2417,24 +2137,15 @@ class _Reconciler:
     def reconciled(
         self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
     ) -> tuple[AppRecord, dict[str, AppState]]:
-        """The record brought up to date with its containers (``listed``, or asked for here),
-        and the live states of the replicas still going.
-
-        Raises:
-            _OtherEngine: when the app runs on another engine: nothing is recorded for it from here.
-        """
+        """The record brought up to date with its containers (``listed``, or asked for here), and the
+        live states of the replicas still going; :py:class:`_OtherEngine` for another engine's app."""
         self._ours.check_engine(record)
         app_id = record.app_id
-        if listed is None:
-            listed = self._ours.of_app(app_id)
-        starting = record.starting
-        plan = _plan(
-            record,
-            {_container_name(c): c for c in listed},
-            start_in_progress=starting and self._logs.start_in_progress(app_id),
-            started=starting and self._logs.started(app_id),
-            now=time.time(),
-        )
+        listed = self._ours.containers(app_id) if listed is None else listed
+        by_name = {_container_name(c): c for c in listed}
+        in_progress = record.starting and self._logs.start_in_progress(app_id)
+        started = record.starting and self._logs.started(app_id)
+        plan = _plan(record, by_name, start_in_progress=in_progress, started=started, now=time.time())
         live, ends = self._carry_out(record, plan)
         if ends or plan.write:
             record = self._record_ends(record, ends)
@@ -2470,26 +2181,23 @@ class _Reconciler:
         return {**end, **self._logs.harvest(app_id, rep)}
 
     def _record_ends(self, seen: AppRecord, ends: Mapping[str, _End]) -> AppRecord:
-        """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may.
-
-        When the write fails, answers from what was learnt, unrecorded, and removes nothing.
-        """
+        """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may; when
+        the write fails, answers from what was learnt, unrecorded, and removes nothing."""
         app_id = seen.app_id
         try:
             with self._store.update() as apps:
-                current = apps.get(app_id)
+                current = self._store.record(app_id)
                 if current is None:  # deleted meanwhile
                     return seen.with_ends(ends)
                 record = current.with_ends(ends)
                 apps[app_id] = record
         except OSError as e:
+            where = os.path.dirname(self._store.path)
             _warn_once(
                 self._warned,
                 (app_id, str(e)),
-                "could not record the end of app %s in %s (%s); its state comes from Docker until it can",
-                app_id,
-                os.path.dirname(self._store.path),
-                e,
+                f"could not record the end of app {app_id} in {where} ({e}); its state comes from Docker "
+                "until it can",
             )
             return seen.with_ends(ends)
         if record.remove_on_exit:
@@ -2505,32 +2213,21 @@ class _Reconciler:
         return next(r for r in record.replicas if r.name == rep.name)
 
 
-# ---------------------------------------------------------------------------
-# Scheduler
-# ---------------------------------------------------------------------------
+# == Scheduler ================================================================
 
 
 class PersistentDockerScheduler(DockerScheduler):
     """
-    A torchx scheduler that runs apps as local Docker containers and keeps a
-    durable record of each one: ``local_docker``'s AppDefs, run options and
-    workspaces, with exact states and exit codes and logs that outlive the
-    containers, in any process.
-
-    ``describe`` reports CANCELLED for cancelled apps, FAILED when any replica
-    failed or vanished before its exit code was seen, SUCCEEDED only when every
-    replica succeeded, and ``None`` for an unknown app id. Side paths degrade,
-    never break: logs that cannot be recorded leave the exit code recorded and
-    the container in place, and are retried. A state directory owns its apps,
-    and an app belongs to the engine that ran it. The class is torchx's surface;
-    the store, the Docker adapter, the logs, ownership and reconciliation do the work.
-
-    State lives in ``state_dir``: the argument, else ``$DOCKER_SCHEDULER_STATE_DIR``,
-    else ``${XDG_STATE_HOME:-~/.local/state}/docker_scheduler``.
+    A torchx scheduler that runs apps as local Docker containers and keeps a durable record of each
+    one: ``local_docker``'s AppDefs, run options and workspaces, with exact states and exit codes and
+    logs that outlive the containers, in any process. ``describe`` reports CANCELLED for cancelled apps,
+    FAILED when any replica failed or vanished before its exit code was seen, SUCCEEDED only when every
+    replica succeeded, and ``None`` for an unknown app id.
 
     Args:
         session_name: names the session file; non-empty, no path separator, no ``..``.
-        state_dir: the directory for session files and harvested logs.
+        state_dir: the directory for session files and harvested logs; unset, ``$DOCKER_SCHEDULER_STATE_DIR``,
+            else ``${XDG_STATE_HOME:-~/.local/state}/docker_scheduler``.
         detach: when True, :py:meth:`close` leaves apps running and containers in place.
 
     **Config Options**
@@ -2594,7 +2291,8 @@ class PersistentDockerScheduler(DockerScheduler):
 
     @classmethod
     def _opts_type(cls) -> Any:
-        return _opts_type()
+        # the type torchx main converts ``cfg`` to before handing it over
+        return PersistentDockerOpts if _TorchxDockerOpts is not None else None
 
     def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> _DryRun:
         _validate_app(app)
@@ -2611,27 +2309,17 @@ class PersistentDockerScheduler(DockerScheduler):
         return info
 
     def schedule(self, dryrun_info: _DryRun) -> str:
-        """Records the app, then starts every replica's container.
+        """Records the app, marked starting, then starts every replica's container.
 
-        The record is written first, marked starting: when it cannot be
-        written, nothing is created and the error names the state directory.
-        When a container cannot start, the ones already started are removed,
-        the app is recorded FAILED with the reason, and the error is raised.
-        Once the start lock is released, the next ``describe`` or ``list``, in
-        any process, reconciles the record with the app's containers: the
-        ones that exist are adopted, the ones that never came are FAILED. So
-        a process that dies in between leaves nothing unrecorded, and a
-        schedule that succeeds writes the session file once.
+        When the record cannot be written, nothing is created and the error names the state directory.
+        When a container cannot start, the ones already started are removed, the app is recorded FAILED
+        with the reason, and the error is raised. Once the start lock is released, the next reader, in
+        any process, adopts the containers that exist and fails the ones that never came.
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
         self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
-        record = dataclasses.replace(
-            _record_from_job(job, app, cfg),
-            engine_endpoint=self._docker.endpoint.url,
-            engine_context=self._docker.endpoint.context,
-            engine_id=self._docker.engine_id,
-        )
+        record = _record_from_job(job, app, cfg, self._docker.endpoint, self._docker.engine_id)
         try:
             start_lock = self._logs.lock_start(job.app_id)
         except OSError as e:
@@ -2650,21 +2338,15 @@ class PersistentDockerScheduler(DockerScheduler):
         return job.app_id
 
     def _nothing_started(self, error: OSError, what: str) -> OSError:
-        return _state_dir_error(
-            error, self.state_dir, self._state_dir_source, f"{what}, so nothing was started"
-        )
+        what = f"{what}, so nothing was started"
+        return _state_dir_error(error, self.state_dir, self._state_dir_source, what)
 
     def _record_start_failure(self, record: AppRecord, reason: str, error: BaseException) -> None:
         try:
             self._save(_start_failed(record, reason))
         except OSError as e:
-            log.warning(
-                "app %s: could not record that it could not start in %s (%s); the next describe or "
-                "list reconciles its record with its containers",
-                record.app_id,
-                self.state_dir,
-                e,
-            )
+            what = f"app {record.app_id}: could not record that it could not start in {self.state_dir} ({e})"
+            log.warning("%s; the next describe or list reconciles its record with its containers", what)
         raise RuntimeError(
             f"{reason}. Removed the app's other containers; it is recorded as FAILED"
         ) from error
@@ -2676,10 +2358,7 @@ class PersistentDockerScheduler(DockerScheduler):
     # -- query ------------------------------------------------------------
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
-        """Describes ``app_id`` from the session file, asking Docker only while it runs.
-
-        Returns ``None`` when neither the session file nor Docker knows the app.
-        """
+        """Describes ``app_id`` from the session file, asking Docker only while it runs; None if unknown."""
         try:
             return self._described(app_id)
         except _OtherEngine as e:
@@ -2690,14 +2369,8 @@ class PersistentDockerScheduler(DockerScheduler):
         if record is None:
             unrecorded = self._reconciler.unrecorded(app_id)
             if unrecorded is None:
-                _warn_once(
-                    self._warned,
-                    (app_id, "unknown"),
-                    "session %s in %s has no app %s, and no container carries it",
-                    self.session_name,
-                    self.state_dir,
-                    app_id,
-                )
+                unknown = f"session {self.session_name} in {self.state_dir} has no app {app_id}"
+                _warn_once(self._warned, (app_id, "unknown"), f"{unknown}, and no container carries it")
                 return None
             return _describe_record(*unrecorded)
         live: dict[str, AppState] = {}
@@ -2709,26 +2382,18 @@ class PersistentDockerScheduler(DockerScheduler):
         return _describe_record(record, live)
 
     def describe_native(self, app_id: str) -> AppDryRunInfo[DockerJob] | None:
-        """The request ``app_id`` was scheduled with, rebuilt from the session file.
-
-        For each container: its image, command and ``docker create`` kwargs
-        (environment, labels, hostname, network, mounts, devices, privileged,
-        restart policy, limits), with docker-py's ``Mount``, ``DeviceRequest``
-        and similar types rebuilt. It needs no container, so it answers after
-        they are removed and in any process. Returns ``None`` for an app id the
-        session file does not hold.
-        """
+        """The request ``app_id`` was scheduled with (each container's image, command and ``docker
+        create`` kwargs), rebuilt from the session file, so after the containers are removed too;
+        ``None`` for an app id the session file does not hold."""
         record = self._store.get(app_id)
         if record is None:
             return None
         return AppDryRunInfo(_job_from_record(record), repr)
 
     def wait(self, app_id: str, timeout: float | None = None) -> DescribeAppResponse | None:
-        """Blocks until ``app_id`` is in a terminal state, and returns :py:meth:`describe`'s answer.
-
-        It listens to Docker's events for the app's containers and looks again at
-        each, rather than polling; it works for apps another process scheduled.
-        Returns ``None`` at once for an app id nobody knows.
+        """Blocks until ``app_id`` is in a terminal state, and returns :py:meth:`describe`'s answer
+        (``None`` at once for an app id nobody knows). It listens to Docker's events for the app's
+        containers rather than polling, so it works for apps another process scheduled.
 
         Raises:
             TimeoutError: when ``timeout`` seconds pass first; it names the app and its state.
@@ -2748,17 +2413,12 @@ class PersistentDockerScheduler(DockerScheduler):
         return desc
 
     def list(self, cfg: Mapping[str, Any] | None = None) -> builtins.list[ListAppResponse]:
-        """This session's apps with their states, oldest first.
-
-        Containers labelled with this session that the session file lacks are
-        listed too; other sessions' apps are not. Apps that can no longer
-        change are answered from the session file without decoding their
-        records. ``cfg`` is accepted as torchx main passes it, and not needed.
-        """
+        """This session's apps with their states, oldest first, with containers labelled with this
+        session that the session file lacks; ``cfg`` is accepted as torchx main passes it, not needed."""
         summaries = self._store.summaries()
         recorded = {app_id for app_id, _ in summaries}
         try:
-            containers: list[dict[str, Any]] | None = self._ours.of_session()
+            containers: list[dict[str, Any]] | None = self._ours.containers()
         except DockerUnavailableError as e:
             log.warning("listing from the session file only: %s", e)
             containers = None
@@ -2770,8 +2430,7 @@ class PersistentDockerScheduler(DockerScheduler):
             if final is not None:
                 found.append(ListAppResponse(app_id=app_id, state=AppState[final]))
         unrecorded = [c for app_id, group in by_app.items() if app_id not in recorded for c in group]
-        for app_id, record in _records_from_containers(unrecorded).items():
-            live = {_container_name(c): _container_state(c) for c in by_app[app_id]}
+        for app_id, (record, live) in _adopted(unrecorded).items():
             found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
         return found
 
@@ -2796,32 +2455,20 @@ class PersistentDockerScheduler(DockerScheduler):
         should_tail: bool = False,
         streams: Stream | None = None,
     ) -> Iterable[str]:
-        """Lines of one replica's log, each ending in a newline (but maybe the last).
-
-        Served live from Docker while the container exists and from the
-        harvested files once the replica ended, with the same meaning for every
-        parameter: ``since``/``until`` are inclusive, a naive datetime is local time
-        (as docker-py and ``local_docker`` take it), and where the engine stamps
-        lines to the second (Podman) a line in the second that holds either bound
-        is kept; ``should_tail`` follows until the replica exits, ``streams`` picks
-        stdout, stderr or both (the default), ``regex`` keeps matching lines.
+        """Lines of one replica's log, each ending in a newline (but maybe the last), live from Docker
+        while the container exists and from the harvested files once the replica ended, alike:
+        ``since``/``until`` are inclusive (a naive datetime is local time; where the engine stamps
+        to the second, a line in the second of a bound is kept), ``should_tail`` follows until the
+        replica exits, ``streams`` picks stdout, stderr or both, ``regex`` keeps matching lines.
 
         Raises:
             ValueError: for an unknown app, role or replica index; it names the valid ones.
         """
         rep = self._find_replica(app_id, role_name, k)
-        wanted = [
-            s for s, on in (("stdout", streams != Stream.STDERR), ("stderr", streams != Stream.STDOUT)) if on
-        ]
+        wanted = [s for s in ("stdout", "stderr") if streams in (None, Stream.COMBINED, s)]
+        refreshed = functools.partial(self._reconciler.replica_now, app_id)
         try:
-            lines = self._logs.lines(
-                app_id,
-                rep,
-                wanted,
-                (since, until),
-                should_tail,
-                lambda r: self._reconciler.replica_now(app_id, r),
-            )
+            lines = self._logs.lines(app_id, rep, wanted, (since, until), should_tail, refreshed)
         except _OtherEngine as e:
             log.warning("%s; its logs are there", e)
             return iter(())
@@ -2838,10 +2485,8 @@ class PersistentDockerScheduler(DockerScheduler):
     # -- cancel, delete, prune and close ------------------------------------
 
     def cancel(self, app_id: str) -> None:
-        """Stops ``app_id``'s containers; from then on every process sees CANCELLED.
-
-        An app that already ended keeps its state; an unknown app id is logged and ignored.
-        """
+        """Stops ``app_id``'s containers; from then on every process sees CANCELLED. An app that already
+        ended keeps its state; an unknown app id is logged and ignored."""
         if not self.exists(app_id):
             log.warning(
                 "cancel: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
@@ -2857,37 +2502,25 @@ class PersistentDockerScheduler(DockerScheduler):
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = apps.get(app_id) or self._reconciler.adopted(app_id)
+            record = self._store.record(app_id) or self._reconciler.adopted(app_id)
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return
             record = apps[app_id] = record.with_cancel()
         names = [r.name for r in record.replicas if not r.final]
-        log.info(
-            "cancel: stopping app %s (%s): SIGTERM, then SIGKILL after %d s for any still running",
-            app_id,
-            ", ".join(names),
-            record.stop_timeout,
-        )
+        stopping = f"app {app_id} ({', '.join(names)}): SIGTERM, then SIGKILL after {record.stop_timeout} s"
+        log.info("cancel: stopping %s for any still running", stopping)
         self._docker.stop(names, record.stop_timeout)
         self._reconciler.reconciled(record)
 
     def delete(self, app_id: str) -> None:
-        """Forgets ``app_id``: stops what still runs, then removes its containers,
-        its harvested logs and, last, its record in the session file.
-
-        Afterwards ``describe`` returns ``None``, ``list`` omits the app and
-        ``log_iter`` raises ``ValueError``; the session's other apps are
-        untouched. An unknown app id is logged at debug level and ignored.
-        (``torchx delete`` calls this on torchx main.)
-        """
+        """Forgets ``app_id`` (``torchx delete`` on torchx main): stops what still runs, then removes
+        its containers, its harvested logs and, last, its record; an unknown app id is ignored."""
         recorded = self._store.get(app_id)
         self._ours.check_engine(recorded)
-        containers = self._ours.of_app(app_id)
+        containers = self._ours.containers(app_id)
         if recorded is None and not containers:
-            log.debug(
-                "delete: no app %r in session %r or in Docker; nothing to do", app_id, self.session_name
-            )
+            log.debug("delete: no app %r in session %r or in Docker", app_id, self.session_name)
             return
         self._logs.check(app_id)  # a symlink is refused before anything is removed
         self._docker.stop(_to_stop(containers), recorded.stop_timeout if recorded else STOP_TIMEOUT)
@@ -2895,18 +2528,12 @@ class PersistentDockerScheduler(DockerScheduler):
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
         with self._store.update() as apps:
-            apps.pop(app_id)
+            apps[app_id] = None
         log.info("deleted app %s from session %s", app_id, self.session_name)
 
     def prune(self, older_than: timedelta) -> builtins.list[str]:
-        """Deletes, as :py:meth:`delete` does, this session's apps that ended longer ago than ``older_than``.
-
-        An app's end is when its last replica's end was recorded. Apps still
-        pending or running, and other sessions' apps, are never touched.
-
-        Returns:
-            The ids of the apps deleted, oldest first.
-        """
+        """Deletes, as :py:meth:`delete` does, this session's apps whose last replica ended longer ago
+        than ``older_than``, and returns their ids, oldest first. Running apps are never touched."""
         cutoff = time.time() - older_than.total_seconds()
         pruned = []
         for app_id, _ in self._store.summaries():
@@ -2920,13 +2547,9 @@ class PersistentDockerScheduler(DockerScheduler):
         return pruned
 
     def close(self) -> None:
-        """Ends this instance; idempotent, never raises.
-
-        Unless ``detach=True``, the apps this instance scheduled that still run
-        are stopped and recorded CANCELLED, every exit code and log is
-        harvested, and this instance's containers are removed. Garbage
-        collection and interpreter exit never stop anything.
-        """
+        """Ends this instance; idempotent, never raises. Unless ``detach=True``, the apps it scheduled
+        that still run are stopped and recorded CANCELLED, every exit code and log is harvested, and
+        its containers are removed. Garbage collection and interpreter exit never stop anything."""
         if self._closed:
             return
         self._closed = True
@@ -2954,9 +2577,7 @@ class PersistentDockerScheduler(DockerScheduler):
         self._docker.remove(done)
 
 
-# ---------------------------------------------------------------------------
-# Factory
-# ---------------------------------------------------------------------------
+# == Factory ==================================================================
 
 
 def create_scheduler(
@@ -2964,9 +2585,9 @@ def create_scheduler(
 ) -> PersistentDockerScheduler:
     """The torchx scheduler factory (entry point ``local_docker_persistent``).
 
-    ``detach`` defaults to True here, unlike the class: torchx's CLI and
-    ``Runner`` close their schedulers when they exit, and an app started with
-    ``torchx run`` must outlive the CLI. Other keyword arguments are ignored.
+    ``detach`` defaults to True here, unlike the class: torchx's CLI and ``Runner`` close their
+    schedulers when they exit, and an app started with ``torchx run`` must outlive the CLI. Other
+    keyword arguments are ignored.
     """
     if kwargs:
         log.debug("create_scheduler ignores %s", sorted(kwargs))

@@ -342,7 +342,7 @@ def test_records_are_replaced_never_mutated_and_read_back_whole() -> None:
     record = _record(exit_code=3, exit_note="out of memory", ended=2.0, logs="recorded")
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.replicas[0].exit_code = 0  # type: ignore[misc]
-    plain = pickle.loads(pickle.dumps(record.to_plain()))
+    plain = pickle.loads(pickle.dumps(docker_scheduler._to_plain(record)))
     assert _builtin_only(plain)
     assert docker_scheduler._from_plain(docker_scheduler.AppRecord, plain) == record
     ended = record.with_ends({"app-r-0": {"exit_code": 0}})  # final already: only logs may be retried
@@ -356,7 +356,7 @@ def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> No
         apps["b"] = dataclasses.replace(_record(), app_id="b")
     blob = store._entries["a"][2]
     with store.update() as apps:
-        apps["b"] = apps.get("b").with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
+        apps["b"] = store.record("b").with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
     assert store._entries["a"][2] is blob  # not pickled again
     fresh = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
     assert [(app_id, state) for app_id, state in fresh.summaries()] == [("a", None), ("b", "FAILED")]
@@ -885,7 +885,8 @@ def test_harvested_logs_removed_by_hand_are_read_again_or_reported_gone(
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
         assert list(scheduler.log_iter(app_id, "r")) == []
-    assert f"the logs of {app_id}-r-0 are gone" in caplog.text and str(app_dir) in caplog.text
+    gone = f"the log files of {app_id}-r-0 in {app_dir} were removed, and so was its container: the logs"
+    assert gone in caplog.text
     assert scheduler.describe(app_id).state == AppState.SUCCEEDED  # its exit code is still recorded
 
 
@@ -2071,7 +2072,7 @@ def test_a_corrupt_session_file_or_record_is_moved_aside_and_the_session_rebuilt
     if bad in CORRUPTIONS:
         data = CORRUPTIONS[bad]
     else:
-        data = _session_file("s", {good.app_id: RECORD_DAMAGES[bad](good.to_plain())})
+        data = _session_file("s", {good.app_id: RECORD_DAMAGES[bad](docker_scheduler._to_plain(good))})
     path = tmp_path / "s.pickle"
     path.write_bytes(data)
     path.chmod(0o600)
