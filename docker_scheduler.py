@@ -1142,10 +1142,12 @@ def _decode(app_id: str, blob: bytes) -> AppRecord:
 
 def _checked_entry(app_id: Any, entry: Any) -> _Entry:
     """``entry`` if it has an entry's shape. Checked when used, so that a read decodes what it asks."""
-    with contextlib.suppress(TypeError, ValueError):  # not three values, or an unhashable state
+    try:  # not contextlib.suppress: this runs for every app a list() reads
         created, state, blob = entry
         if type(app_id) is str and type(created) is float and type(blob) is bytes and state in _STATES:
             return cast(_Entry, entry)
+    except (TypeError, ValueError):  # not three values, or an unhashable state
+        pass
     raise _CorruptSession(f"malformed entry for {app_id!r}")
 
 
