@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar, cast
 
 import docker
 import docker.types
@@ -1010,7 +1010,7 @@ class _Dir(contextlib.AbstractContextManager["_Dir"]):
             os.close(fd)
 
     @contextlib.contextmanager
-    def written(self, name: str, into: _Dir | None = None, replace: bool = True) -> Iterator[typing.BinaryIO]:
+    def written(self, name: str, into: _Dir | None = None, replace: bool = True) -> Iterator[BinaryIO]:
         """A file to write ``name`` through, made here: it appears in ``into`` (default: here) on a
         clean exit, whole, replacing what was there (unless ``replace`` is False: then only if nothing
         was); after a failure, nothing is left."""
@@ -1759,17 +1759,26 @@ def _write_streams(
                 continued[stream] = not payload.endswith(b"\n")
 
 
-def _read_harvested(
-    f: typing.BinaryIO, low: bytes | None, high: bytes | None
-) -> Iterator[tuple[bytes, bytes]]:
-    """A harvested file's stamps and lines within ``low`` and ``high`` (see :py:func:`_within`)."""
+def _read_harvested(f: BinaryIO, low: bytes | None, high: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    """A harvested file's stamps and lines within ``low`` and ``high``, compared as :py:func:`_within`
+    compares them, written out here because it runs for every line."""
+    low_s, high_s = (None if t is None else t[:_SECOND_SIZE] for t in (low, high))
+    unbounded = low is None and high is None
     with f:
         for raw in f:
             ts, _, text = raw.partition(b" ")
-            if high is not None and not _within(ts, None, high):
-                break  # the file is in time order
-            if low is None or _within(ts, low, None):
-                yield ts, text
+            if unbounded:
+                pass
+            elif ts[_SECOND_SIZE:] == b".000000000Z":  # a stamp to the second stands for its second
+                if low_s is not None and ts[:_SECOND_SIZE] < low_s:
+                    continue
+                if high_s is not None and ts[:_SECOND_SIZE] > high_s:
+                    break  # the file is in time order
+            elif low is not None and ts < low:
+                continue
+            elif high is not None and ts > high:
+                break
+            yield ts, text
 
 
 # -- the log directory: harvesting and serving ----------------------------------
@@ -1892,12 +1901,11 @@ class _Logs:
         except (DockerException, DockerUnavailableError, OSError, requests.exceptions.RequestException) as e:
             reason, fix = _harvest_failure(e, self.app_dir(app_id))
             # Said before the exit code is written: whether that worked, its own warning says.
-            _warn_once(
-                self._warned,
-                (rep.name, reason),
+            why = (
                 f"could not record the logs of container {rep.name} ({reason}): the container is kept until "
-                f"they are; {fix}. The next describe, list, log_iter or close tries again",
             )
+            why += f"they are; {fix}. The next describe, list, log_iter or close tries again"
+            _warn_once(self._warned, (rep.name, reason), why)
             return {"logs": "retry", "log_error": reason}
         return {"logs": "recorded", "log_error": ""}
 
@@ -1912,9 +1920,8 @@ class _Logs:
         follow: bool,
         refreshed: Callable[[ReplicaRecord], ReplicaRecord],
     ) -> Iterator[bytes]:
-        """A replica's lines of ``streams`` within ``window`` (since, until): live from Docker
-        until its logs are recorded, from its files once they are. ``refreshed`` gives the
-        replica as recorded after a fresh look at its app's containers."""
+        """A replica's lines of ``streams`` within ``window`` (since, until): live from Docker until its logs
+        are recorded, then from its files. ``refreshed`` gives the replica after a fresh look at Docker."""
         if rep.logs_pending:  # recording them failed before: try again first
             with contextlib.suppress(DockerUnavailableError):
                 rep = refreshed(rep)
@@ -2011,12 +2018,11 @@ class _Ownership:
         if _CONTAINER_NAME.fullmatch(app_id) and _CONTAINER_NAME.fullmatch(f"x{role}") and replica.isdigit():
             return True
         name = _container_name(container)
-        _warn_once(
-            self._warned,
-            (name, "labels"),
+        why = (
             f"ignoring container {name}: its labels name app {app_id!r}, role {role!r}, replica {replica!r}, "
-            "which no app submitted here could have; nothing is recorded or written for it",
         )
+        why += "which no app submitted here could have; nothing is recorded or written for it"
+        _warn_once(self._warned, (name, "labels"), why)
         return False
 
     def check_engine(self, record: AppRecord | None) -> None:
@@ -2194,13 +2200,9 @@ class _Reconciler:
                 record = current.with_ends(ends)
                 apps[app_id] = record
         except OSError as e:
-            where = os.path.dirname(self._store.path)
-            _warn_once(
-                self._warned,
-                (app_id, str(e)),
-                f"could not record the end of app {app_id} in {where} ({e}); its state comes from Docker "
-                "until it can",
-            )
+            why = f"could not record the end of app {app_id} in {os.path.dirname(self._store.path)} ({e}); "
+            why += "its state comes from Docker until it can"
+            _warn_once(self._warned, (app_id, str(e)), why)
             return seen.with_ends(ends)
         if record.remove_on_exit:
             self._docker.remove(_removable(record, among=ends))
@@ -2388,9 +2390,7 @@ class PersistentDockerScheduler(DockerScheduler):
         create`` kwargs), rebuilt from the session file, so after the containers are removed too;
         ``None`` for an app id the session file does not hold."""
         record = self._store.get(app_id)
-        if record is None:
-            return None
-        return AppDryRunInfo(_job_from_record(record), repr)
+        return None if record is None else AppDryRunInfo(_job_from_record(record), repr)
 
     def wait(self, app_id: str, timeout: float | None = None) -> DescribeAppResponse | None:
         """Blocks until ``app_id`` is in a terminal state, and returns :py:meth:`describe`'s answer

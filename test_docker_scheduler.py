@@ -417,6 +417,28 @@ def test_timestamps_with_an_offset_mean_the_same_instant_everywhere() -> None:
     assert docker_scheduler._finished_at("2026-11-30T01:02:03.500000000Z") == finished
 
 
+def test_a_stamp_on_a_whole_second_stands_for_that_second_live_and_harvested() -> None:
+    """Podman stamps to the second: such a line may lie anywhere in its second, so a bound in that
+    second keeps it. A stamp with a fraction is compared exactly. Harvested and live reads agree."""
+    body = b"2026-11-30T01:02:03.000000000Z coarse\n2026-11-30T01:02:03.400000000Z exact\n"
+    cases = {  # (since, until) as offsets into 01:02:03 in ms: the lines each keeps
+        (500, None): [b"coarse\n"],
+        (100, 300): [b"coarse\n"],
+        (None, 300): [b"coarse\n"],
+        (300, 400): [b"coarse\n", b"exact\n"],
+        (401, None): [b"coarse\n"],
+        (1000, None): [],
+    }
+    at = datetime(2026, 11, 30, 1, 2, 3, tzinfo=timezone.utc)
+    for (since, until), kept in cases.items():
+        window = [None if ms is None else at + timedelta(milliseconds=ms) for ms in (since, until)]
+        low, high = (docker_scheduler._docker_time(t) for t in window)
+        harvested = [text for _, text in docker_scheduler._read_harvested(io.BytesIO(body), low, high)]
+        frames = [(1, line) for line in body.splitlines(keepends=True)]
+        live = list(docker_scheduler._stamped_lines(frames, *window))
+        assert harvested == live == kept, (since, until)
+
+
 def _listed(state: str) -> dict[str, Any]:
     return {"State": state}
 
