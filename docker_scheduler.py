@@ -2530,7 +2530,8 @@ class PersistentDockerScheduler(DockerScheduler):
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
         with self._store.update() as apps:
-            apps[app_id] = None
+            if self._store.record(app_id) is not None:  # nothing to write for an app it does not hold
+                apps[app_id] = None
         log.info("deleted app %s from session %s", app_id, self.session_name)
 
     def prune(self, older_than: timedelta) -> builtins.list[str]:
