@@ -1663,14 +1663,15 @@ def _docker_time(dt: datetime | None) -> bytes | None:
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
 
 
-# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, and its part to the whole second.
-_STAMP_SIZE, _SECOND_SIZE = 30, 19
+# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, its part to the whole second, and the rest of a stamp
+# that is on a whole second (every stamp of an engine that stamps to the second: see _within).
+_STAMP_SIZE, _SECOND_SIZE, _WHOLE_SECOND = 30, 19, b".000000000Z"
 
 
 def _within(stamp: bytes, low: bytes | None, high: bytes | None) -> bool:
     """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``. A stamp
     on a whole second (Podman stamps to the second) stands for that second: so it is compared."""
-    size = _SECOND_SIZE if stamp[_SECOND_SIZE : _STAMP_SIZE - 1] == b".000000000" else _STAMP_SIZE
+    size = _SECOND_SIZE if stamp[_SECOND_SIZE:] == _WHOLE_SECOND else _STAMP_SIZE
     return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
 
 
@@ -1769,7 +1770,7 @@ def _read_harvested(f: BinaryIO, low: bytes | None, high: bytes | None) -> Itera
             ts, _, text = raw.partition(b" ")
             if unbounded:
                 pass
-            elif ts[_SECOND_SIZE:] == b".000000000Z":  # a stamp to the second stands for its second
+            elif ts[_SECOND_SIZE:] == _WHOLE_SECOND:  # a stamp to the second stands for its second
                 if low_s is not None and ts[:_SECOND_SIZE] < low_s:
                     continue
                 if high_s is not None and ts[:_SECOND_SIZE] > high_s:
