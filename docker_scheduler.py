@@ -22,10 +22,12 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import heapq
 import importlib.util
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -47,6 +49,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar, cast
 
 import docker
+import docker.tls
 import docker.types
 import requests
 import torchx.schedulers.docker_scheduler as _torchx_docker
@@ -328,8 +331,14 @@ def _validate_app(app: AppDef) -> None:
         )
 
 
-def _check_container_names(app: AppDef, names: Iterable[str]) -> None:
-    for name in names:
+def _check_container_names(app: AppDef, app_id: str, names: Iterable[str]) -> None:
+    suffix = len(app_id.encode()) - len(app.name.encode())
+    if len(app_id.encode()) > 255:  # the app id names its log directory: at most 255 bytes
+        raise ValueError(
+            f"app name {app.name[:40]!r}... ({len(app.name)} characters) is too long: its app id names a "
+            f"directory of the state directory; keep the name under {255 - suffix} characters"
+        )
+    for name in [app_id, *names]:
         if not _CONTAINER_NAME.fullmatch(name):
             raise ValueError(
                 f"app name {app.name!r} gives the name {name!r}, which Docker refuses for a container: "
@@ -348,6 +357,15 @@ LogStatus = Literal["in_container", "recorded", "retry", "lost"]
 
 #: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
 _End = Mapping[str, Any]
+
+
+#: A record's fields that name the engine it belongs to: see :py:meth:`_Docker.engine`.
+class _Engine(typing.TypedDict):
+    engine_endpoint: str
+    engine_context: str
+    engine_id: str
+
+
 #: The ``since`` and ``until`` of a log read (None: unbounded).
 _Window = tuple["datetime | None", "datetime | None"]
 
@@ -499,7 +517,7 @@ class AppRecord:
     #: seconds between SIGTERM and SIGKILL when its containers are stopped
     stop_timeout: int = STOP_TIMEOUT
     #: the Docker endpoint, the context that named it (if one did) and the engine's ID it was
-    #: scheduled on; empty for adopted apps
+    #: scheduled on (for an adopted app, the engine whose containers it was adopted from)
     engine_endpoint: str = ""
     engine_context: str = ""
     engine_id: str = ""
@@ -578,7 +596,7 @@ def _container_kwargs(plain: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _record_from_job(
-    job: DockerJob, app: AppDef | None, cfg: Mapping[str, Any], endpoint: _Endpoint, engine_id: str
+    job: DockerJob, app: AppDef | None, cfg: Mapping[str, Any], engine: _Engine
 ) -> AppRecord:
     """The record schedule() writes before it creates anything: starting, no end seen."""
     replicas = []
@@ -592,9 +610,16 @@ def _record_from_job(
     else:  # a hand-made AppDryRunInfo: the containers are all there is
         commands = {c.kwargs["name"]: (c.image, c.command) for c in job.containers}
         roles = _roles_from_replicas(replicas, commands)
-    record = AppRecord(job.app_id, time.time(), roles, tuple(replicas), bool(cfg.get("remove_on_exit")))
-    record = dataclasses.replace(record, starting=True, stop_timeout=_stop_timeout(cfg), engine_id=engine_id)
-    return dataclasses.replace(record, engine_endpoint=endpoint.url, engine_context=endpoint.context)
+    return AppRecord(
+        job.app_id,
+        time.time(),
+        roles,
+        tuple(replicas),
+        bool(cfg.get("remove_on_exit")),
+        starting=True,
+        stop_timeout=_stop_timeout(cfg),
+        **engine,
+    )
 
 
 def _roles_from_replicas(
@@ -624,8 +649,11 @@ def _by_app(containers: Iterable[Mapping[str, Any]]) -> dict[str, builtins.list[
     return groups
 
 
-def _adopted(containers: Iterable[Mapping[str, Any]]) -> dict[str, tuple[AppRecord, dict[str, AppState]]]:
-    """Records for apps known only from their containers, each with its containers' live states."""
+def _adopted(
+    containers: Iterable[Mapping[str, Any]], engine: _Engine
+) -> dict[str, tuple[AppRecord, dict[str, AppState]]]:
+    """Records for apps known only from their containers, each with its containers' live states; they
+    belong to ``engine``, whose containers they are."""
     adopted = {}
     for app_id, group in _by_app(containers).items():
         ids = sorted(
@@ -634,7 +662,7 @@ def _adopted(containers: Iterable[Mapping[str, Any]]) -> dict[str, tuple[AppReco
         )
         replicas = tuple(ReplicaRecord(role, k, name) for role, k, name in ids)
         commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
-        record = AppRecord(app_id, time.time(), _roles_from_replicas(replicas, commands), replicas)
+        record = AppRecord(app_id, time.time(), _roles_from_replicas(replicas, commands), replicas, **engine)
         adopted[app_id] = record, {_container_name(c): _container_state(c) for c in group}
     return adopted
 
@@ -743,15 +771,19 @@ def _replica(record: AppRecord, role_name: str, k: int) -> ReplicaRecord:
     )
 
 
+# An environment entry as engines quote it in their errors (Go's strconv.Quote): "TOKEN=pre\"x\x00".
+_GO_QUOTED = {i: ("\\x%02x" if i < 0x80 else "\\u%04x") % i for i in [*range(0x20), *range(0x7F, 0xA0)]}
+_GO_QUOTED.update({ord(c): "\\" + e for c, e in zip('\a\b\f\n\r\t\v\\"', 'abfnrtv\\"', strict=True)})
+
+
 def _scrubbed(text: str, env: Mapping[str, str] | Iterable[str] | None) -> str:
-    """``text`` with each ``KEY=value`` entry of ``env`` as ``KEY=***``: Docker's errors can echo an
-    entry whole, and ``describe().msg`` goes to logs and screens. (A bare value is left alone: torchx
-    sets some to what the request shows anyway, such as the image.)"""
-    keys = env.keys() if isinstance(env, Mapping) else {entry.partition("=")[0] for entry in env or ()}
-    for key in keys:
-        hidden = f"{key}=***".replace("\\", "\\\\")  # a template: its backslashes escaped
-        # the value runs to the quote Docker puts around the entry, or to the line's end
-        text = re.sub(rf"(?<![\w.-]){re.escape(key)}=[^\"\n]*", hidden, text)
+    """``text`` with each ``KEY=value`` entry of ``env``, as written or as Go quotes it, as ``KEY=***``,
+    whatever the value holds: Docker's errors can echo an entry whole, and ``describe().msg`` goes to
+    logs and screens. (A bare value is left alone: torchx sets some to what the request shows anyway.)"""
+    entries = env.items() if isinstance(env, Mapping) else (e.partition("=")[::2] for e in env or ())
+    for key, value in entries:
+        for shown in sorted({value, value.translate(_GO_QUOTED)} - {""}, key=len, reverse=True):
+            text = text.replace(f"{key}={shown}", f"{key}=***")
     return text
 
 
@@ -1034,6 +1066,23 @@ class _Dir(contextlib.AbstractContextManager["_Dir"]):
                 f.close()
 
 
+# What to do when writing in the state directory failed, by the cause.
+_FIXES = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "free space there (your disk quota is full)",
+    errno.EROFS: "remount it writable",
+    errno.EACCES: "make it writable by you",
+    errno.EPERM: "make it writable by you",
+    errno.ENOTDIR: "part of that path is a file, not a directory",
+    errno.ENOENT: "a directory in it was removed meanwhile (by a delete, or by hand)",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def _fix(error: OSError) -> str:
+    return _FIXES.get(error.errno or 0, "check the file system it is on")
+
+
 def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OSError:
     """``error`` restated: what failed, on which path, which setting chose it, and what to do."""
     if isinstance(error, UnsafeStateError):
@@ -1041,7 +1090,7 @@ def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OS
     return type(error)(
         error.errno,
         f"cannot {what} ({error.strerror}); the state directory {path} comes from {chosen_by}: "
-        f"free space there or make it writable, or point state_dir or {STATE_DIR_ENV} at another directory",
+        f"{_fix(error)}, or point state_dir or {STATE_DIR_ENV} at another directory",
     )
 
 
@@ -1327,19 +1376,57 @@ class _Endpoint:
 
 
 def _endpoint() -> _Endpoint:
-    """The endpoint in use."""
+    """The endpoint in use. Contexts are read where the Docker CLI reads them, ``$DOCKER_CONFIG`` or
+    ``~/.docker``: docker-py 7.2 looks in ``./contexts`` when that holds no config.json."""
     if os.environ.get("DOCKER_HOST"):
         return _Endpoint(os.environ["DOCKER_HOST"])
-    named = os.environ.get("DOCKER_CONTEXT") or None
-    context = docker.context.ContextAPI.get_context(named)
-    if context is None:
-        raise DockerUnavailableError(
-            f"DOCKER_CONTEXT={named} names no Docker context: `docker context ls` lists them; "
-            "unset DOCKER_CONTEXT, or set it or DOCKER_HOST to an engine that runs"
-        )
-    if context.name == "default" or not context.Host:
+    config = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    name, named_by = os.environ.get("DOCKER_CONTEXT"), "DOCKER_CONTEXT={}"
+    if not name:
+        where = os.path.join(config, "config.json")
+        name, named_by = _json(where, {}).get("currentContext"), f"currentContext {{!r}} in {where}"
+    if not name or name == "default":
         return _Endpoint(_DEFAULT_SOCKET)
-    return _Endpoint(context.Host, context.name, context.TLSConfig)
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta_path = os.path.join(config, "contexts", "meta", digest, "meta.json")
+    meta = _json(meta_path, None)
+    if meta is None:
+        raise DockerUnavailableError(
+            f"{named_by.format(name)} names no Docker context (none in {config}): `docker context ls` lists "
+            "them; `docker context use default`, or set DOCKER_CONTEXT or DOCKER_HOST to an engine that runs"
+        )
+    try:
+        endpoint = meta.get("Endpoints", {}).get("docker", {})
+        host, skip_verify = endpoint.get("Host"), bool(endpoint.get("SkipTLSVerify"))
+    except AttributeError:
+        raise DockerUnavailableError(f"{meta_path} is not a context's meta.json: {_CLI_FILE_FIX}") from None
+    if not host:
+        return _Endpoint(_DEFAULT_SOCKET)
+    # As the CLI: TLS when the context has certificates or skips verifying, each file where it has one.
+    tls_dir = os.path.join(config, "contexts", "tls", digest, "docker")
+    ca, cert, key = (os.path.join(tls_dir, f"{f}.pem") for f in ("ca", "cert", "key"))
+    tls = None
+    if skip_verify or os.path.isdir(tls_dir):
+        client_cert = (cert, key) if os.path.isfile(cert) and os.path.isfile(key) else None
+        tls = docker.tls.TLSConfig(client_cert, ca if os.path.isfile(ca) else None, verify=not skip_verify)
+    return _Endpoint(host, name, tls)
+
+
+def _json(path: str, missing: Any) -> Any:
+    """The JSON object in a Docker CLI file, or ``missing`` when there is none."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return missing
+    except (OSError, ValueError) as e:
+        raise DockerUnavailableError(f"cannot read {path}, a Docker CLI file ({e}): {_CLI_FILE_FIX}") from e
+    if not isinstance(data, dict):
+        raise DockerUnavailableError(f"{path} holds no JSON object: {_CLI_FILE_FIX}")
+    return data
+
+
+_CLI_FILE_FIX = "fix it (the Docker CLI fails on it too) or move it aside, or set DOCKER_HOST"
 
 
 def _unavailable(endpoint: _Endpoint, cause: BaseException) -> DockerUnavailableError:
@@ -1424,15 +1511,25 @@ class _Docker:
                 )
             # ssh:// through the ssh command, as the Docker CLI does: the user's ssh config and agent apply.
             try:
-                if endpoint.context:  # docker-py before 7.2 ignores contexts: name the host it gives
-                    self._client = docker.DockerClient(
-                        base_url=endpoint.url, tls=endpoint.tls or False, use_ssh_client=True
-                    )
-                else:
-                    self._client = docker.from_env(use_ssh_client=True)
-            except DockerException as e:
+                self._client = self._connect(endpoint)
+            except (DockerException, requests.exceptions.RequestException) as e:
                 raise _unavailable(endpoint, e) from e
         return self._client
+
+    @staticmethod
+    def _connect(endpoint: _Endpoint) -> DockerClient:
+        if not endpoint.context:
+            return docker.from_env(use_ssh_client=True)
+        if endpoint.tls is None:  # docker-py before 7.2 ignores contexts: name the host it gives
+            return docker.DockerClient(base_url=endpoint.url, use_ssh_client=True)
+        # requests lets REQUESTS_CA_BUNDLE override a context's CA and its verify=False (psf/requests#3829),
+        # which the CLI never reads: made without the environment, then told the engine's API version.
+        client = docker.DockerClient(
+            endpoint.url, tls=endpoint.tls, version=docker.constants.MINIMUM_DOCKER_API_VERSION
+        )
+        client.api.trust_env = False
+        client.api._version = str(client.api.version(api_version=False)["ApiVersion"])
+        return client
 
     @contextlib.contextmanager
     def _reaching(self) -> Iterator[None]:
@@ -1452,6 +1549,11 @@ class _Docker:
         """The daemon's ID, which tells two engines apart (asked once: Podman takes its time)."""
         with self._reaching():
             return str(self.client.info().get("ID") or "")
+
+    def engine(self) -> _Engine:
+        """A record's fields that name this engine: the endpoint, the context that named it, the ID."""
+        url, context = self.endpoint.url, self.endpoint.context
+        return {"engine_endpoint": url, "engine_context": context, "engine_id": self.engine_id}
 
     def containers(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
         """Every container, running or not, that carries all of ``labels``."""
@@ -1648,19 +1750,22 @@ def _finished_at(stamp: Any) -> float:
     return finished if finished > 0 else time.time()
 
 
-def _epoch(dt: datetime | None) -> float | None:
-    """``dt`` in epoch seconds (naive is local time, as docker-py takes it), or None if it filters nothing."""
+def _docker_time(dt: datetime | None) -> bytes | None:
+    """``dt`` as dockerd prints log timestamps (naive is local time, as docker-py takes it); None stays
+    None, no bound. A bound at or before the epoch is a bound too: ``until`` then keeps no line."""
     if dt is None:
         return None
-    seconds = dt.timestamp()
-    return seconds if seconds > 0 else None
+    return (
+        dt.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds").encode() + b"000Z"
+    )
 
 
-def _docker_time(dt: datetime | None) -> bytes | None:
-    """``dt`` as dockerd prints log timestamps, or None when it filters nothing."""
-    if dt is None or _epoch(dt) is None:
-        return None
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+def _seconds(window: _Window) -> dict[str, int | None]:
+    """The logs request's ``since`` and ``until``: the whole seconds around ``window``, since some engines
+    stamp to the second and filter by the real time (the lines are kept here); 0 is no bound to Docker."""
+    start, end = (None if t is None else t.timestamp() for t in window)
+    since = None if start is None else max(0, math.floor(start)) or None
+    return {"since": since, "until": None if end is None else max(1, math.floor(end) + 1)}
 
 
 # dockerd's stamp, 2026-11-30T01:02:03.123456789Z, its part to the whole second, and the rest of a stamp
@@ -1790,7 +1895,7 @@ def _harvest_failure(error: BaseException, log_dir: str) -> tuple[str, str]:
     if isinstance(error, UnsafeStateError):
         return str(error), "until then they stay in the container"
     if isinstance(error, OSError) and not isinstance(error, requests.exceptions.RequestException):
-        return f"{error.strerror or error} in {log_dir}", "free space there or make it writable"
+        return f"{error.strerror or error} in {log_dir}", _fix(error)
     if isinstance(error, docker.errors.APIError) and (
         error.status_code == 501 or "log driver" in str(error.explanation)  # Podman: 500, "'none' log driver"
     ):
@@ -1839,15 +1944,18 @@ class _Logs:
         fcntl.flock(app.fd, fcntl.LOCK_EX)
         return held
 
-    def start_in_progress(self, app_id: str) -> bool:
+    def start(self, app_id: str) -> _Start:
+        """How the app's start stands: under way while a live process holds its start lock, then
+        whether that process marked all its containers started. The lock is tested first: once it is
+        free, the marker no longer changes."""
         try:
             with self._app(app_id) as app:
                 fcntl.flock(app.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return "started" if app.stat(_STARTED) is not None else "not started"
         except BlockingIOError:
-            return True
+            return "under way"
         except OSError:
-            pass
-        return False
+            return "not started"
 
     def mark_started(self, app_id: str) -> None:
         # Without it, a replica that vanishes reads "never created".
@@ -1855,13 +1963,6 @@ class _Logs:
             fd = app.create(_STARTED)
             if fd is not None:
                 os.close(fd)
-
-    def started(self, app_id: str) -> bool:
-        try:
-            with self._app(app_id) as app:
-                return app.stat(_STARTED) is not None
-        except OSError:
-            return False
 
     def discard(self, app_id: str) -> None:
         """Removes the app's directory if it is empty, as a schedule that recorded nothing leaves it."""
@@ -1944,15 +2045,38 @@ class _Logs:
 
     def _live(self, name: str, streams: Sequence[str], window: _Window, follow: bool) -> Iterator[bytes]:
         """A container's lines from Docker: the request is made here, the body read as the lines are."""
-        since, until = window
-        start, end = _epoch(since), _epoch(until)
-        # Whole seconds around the window, since some engines stamp to the second; the lines are kept here.
-        times = {
-            "since": None if start is None else math.floor(start),
-            "until": None if end is None else math.ceil(end),
-        }
-        response = self._docker.logs(name, streams, timestamps=True, follow=follow, **times)
-        return _whole_lines(_stamped_lines(_frames(response.iter_content(_READ_SIZE)), since, until))
+        frames = self._frames(name, streams, window, follow)
+        if follow:
+            frames = self._caught_up(name, streams, window, frames)
+        return _whole_lines(_stamped_lines(frames, *window))
+
+    def _frames(
+        self, name: str, streams: Sequence[str], window: _Window, follow: bool
+    ) -> Iterator[tuple[int, bytes]]:
+        response = self._docker.logs(name, streams, timestamps=True, follow=follow, **_seconds(window))
+        return _frames(response.iter_content(_READ_SIZE))
+
+    def _caught_up(
+        self, name: str, streams: Sequence[str], window: _Window, frames: Iterator[tuple[int, bytes]]
+    ) -> Iterator[tuple[int, bytes]]:
+        """``frames`` of a followed log, then what the follow missed: dockerd 20.10's can end before a
+        last line with no newline. A second read from the last second on, past as many frames as the
+        follow gave from then: both read the log in the same order."""
+        seconds: dict[bytes, int] = {}
+        for stream, payload in frames:
+            second = _fixed_stamp(payload)[:_SECOND_SIZE]
+            seconds[second] = seconds.get(second, 0) + 1
+            yield stream, payload
+        last = max(seconds, default=b"")
+        if _TIMESTAMP.match(last + b"Z"):
+            window = (datetime.fromisoformat(f"{last.decode()}+00:00"), window[1])
+        else:  # nothing, or nothing stamped: read the whole window again
+            last = b""
+        try:
+            rest = self._frames(name, streams, window, False)
+        except NotFound:  # removed meanwhile: what the follow gave is all there is
+            return
+        yield from itertools.islice(rest, sum(n for s, n in seconds.items() if s >= last), None)
 
     def _recorded(
         self, app_id: str, rep: ReplicaRecord, streams: Sequence[str], window: _Window
@@ -2029,7 +2153,7 @@ class _Ownership:
     def check_engine(self, record: AppRecord | None) -> None:
         """The one decision on engines: raises :py:class:`_OtherEngine` when ``record`` was scheduled on
         another engine than this process talks to, so that nothing here acts on it or records an end it
-        did not have. An app adopted from its containers belongs to whichever engine is asked."""
+        did not have. An app adopted from its containers belongs to the engine that listed them."""
         here = self._docker.endpoint
         if record is None or not record.engine_id or record.engine_endpoint == here.url:
             return
@@ -2067,22 +2191,18 @@ class _Plan:
     write: bool = False
 
 
+#: Where an app's start stands (see :py:meth:`_Logs.start`), read before Docker lists its containers.
+_Start = Literal["under way", "started", "not started"]
 _NEVER_CREATED = "was never created: the process starting the app ended first"
 _VANISHED = "vanished before its exit code could be read"
 
 
-def _plan(
-    record: AppRecord,
-    listed: Mapping[str, Mapping[str, Any]],
-    *,
-    start_in_progress: bool,
-    started: bool,
-    now: float,
-) -> _Plan:
-    """Decides what ``listed`` (containers by name) means for ``record``; performs no I/O. A record
-    still starting in another process is left alone; once its start is over, a replica without a
-    container was never created, unless the app's started marker says otherwise."""
-    if record.starting and start_in_progress:
+def _plan(record: AppRecord, listed: Mapping[str, Mapping[str, Any]], start: _Start, now: float) -> _Plan:
+    """Decides what ``listed`` (containers by name) means for ``record``; performs no I/O. ``start`` was
+    read before the listing: a record whose start was under way then is left alone, since its
+    containers may have come after the listing; once its start was over, a replica without a
+    container was never created, unless the app's started marker said otherwise."""
+    if record.starting and start == "under way":
         return _Plan(live={name: _container_state(c) for name, c in listed.items()})
     live: dict[str, AppState] = {}
     ends: dict[str, _End] = {}
@@ -2096,7 +2216,7 @@ def _plan(
         elif rep.final:
             continue
         elif container is None:
-            why = _NEVER_CREATED if record.starting and not started else _VANISHED
+            why = _NEVER_CREATED if record.starting and start != "started" else _VANISHED
             ends[rep.name] = {"vanished": why, "ended": now, "logs": "lost"}
         elif container["State"] in _ENDED:
             inspect.append(rep.name)
@@ -2132,29 +2252,36 @@ class _Reconciler:
 
     def rebuild(self) -> dict[str, AppRecord]:
         """Records for every app of the session that Docker has containers of."""
-        return {app_id: record for app_id, (record, _) in _adopted(self._ours.containers()).items()}
+        containers = self._ours.containers()
+        adopted = _adopted(containers, self._docker.engine()) if containers else {}
+        return {app_id: record for app_id, (record, _) in adopted.items()}
 
     def unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
         """A record for an app known only from its containers, and their states; or None."""
-        return _adopted(self._ours.containers(app_id)).get(app_id)
+        containers = self._ours.containers(app_id)
+        return _adopted(containers, self._docker.engine()).get(app_id) if containers else None
 
     def adopted(self, app_id: str) -> AppRecord | None:
         """A record for an app known only from its containers; or None."""
         unrecorded = self.unrecorded(app_id)
         return None if unrecorded is None else unrecorded[0]
 
+    def start(self, record: AppRecord) -> _Start:
+        """Where the record's start stands; read it before listing the containers (see :py:func:`_plan`)."""
+        return self._logs.start(record.app_id) if record.starting else "started"
+
     def reconciled(
-        self, record: AppRecord, listed: Sequence[Mapping[str, Any]] | None = None
+        self, record: AppRecord, listed: tuple[Sequence[Mapping[str, Any]], _Start] | None = None
     ) -> tuple[AppRecord, dict[str, AppState]]:
-        """The record brought up to date with its containers (``listed``, or asked for here), and the
-        live states of the replicas still going; :py:class:`_OtherEngine` for another engine's app."""
+        """The record brought up to date with its containers (``listed``, with where its start stood
+        before they were listed; or both asked for here), and the live states of the replicas still
+        going; :py:class:`_OtherEngine` for another engine's app."""
         self._ours.check_engine(record)
-        app_id = record.app_id
-        listed = self._ours.containers(app_id) if listed is None else listed
-        by_name = {_container_name(c): c for c in listed}
-        in_progress = record.starting and self._logs.start_in_progress(app_id)
-        started = record.starting and self._logs.started(app_id)
-        plan = _plan(record, by_name, start_in_progress=in_progress, started=started, now=time.time())
+        if listed is None:
+            start = self.start(record)
+            listed = self._ours.containers(record.app_id), start
+        by_name = {_container_name(c): c for c in listed[0]}
+        plan = _plan(record, by_name, listed[1], time.time())
         live, ends = self._carry_out(record, plan)
         if ends or plan.write:
             record = self._record_ends(record, ends)
@@ -2196,7 +2323,8 @@ class _Reconciler:
         try:
             with self._store.update() as apps:
                 current = self._store.record(app_id)
-                if current is None:  # deleted meanwhile
+                if current is None:  # deleted meanwhile: the logs just harvested go too
+                    self._logs.remove(app_id)
                     return seen.with_ends(ends)
                 record = current.with_ends(ends)
                 apps[app_id] = record
@@ -2306,7 +2434,7 @@ class PersistentDockerScheduler(DockerScheduler):
         options = _container_options(cfg)
         info = super()._submit_dryrun(app, cast(Any, cfg))
         job = info.request
-        _check_container_names(app, [job.app_id, *(str(c.kwargs["name"]) for c in job.containers)])
+        _check_container_names(app, job.app_id, [str(c.kwargs["name"]) for c in job.containers])
         for c in job.containers:
             labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
             labels.update(self._ours.labels)
@@ -2324,7 +2452,7 @@ class PersistentDockerScheduler(DockerScheduler):
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
         self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
-        record = _record_from_job(job, app, cfg, self._docker.endpoint, self._docker.engine_id)
+        record = _record_from_job(job, app, cfg, self._docker.engine())
         try:
             start_lock = self._logs.lock_start(job.app_id)
         except OSError as e:
@@ -2420,6 +2548,7 @@ class PersistentDockerScheduler(DockerScheduler):
         session that the session file lacks; ``cfg`` is accepted as torchx main passes it, not needed."""
         summaries = self._store.summaries()
         recorded = {app_id for app_id, _ in summaries}
+        starts = {app_id: self._start(app_id) for app_id, final in summaries if final is None}
         try:
             containers: list[dict[str, Any]] | None = self._ours.containers()
         except DockerUnavailableError as e:
@@ -2429,20 +2558,28 @@ class PersistentDockerScheduler(DockerScheduler):
         found = []
         for app_id, final in summaries:
             if final is None:
-                final = self._current_state(app_id, by_app.get(app_id, []), containers is not None)
+                listed = (by_app.get(app_id, []), starts[app_id]) if containers is not None else None
+                final = self._current_state(app_id, listed)
             if final is not None:
                 found.append(ListAppResponse(app_id=app_id, state=AppState[final]))
         unrecorded = [c for app_id, group in by_app.items() if app_id not in recorded for c in group]
-        for app_id, (record, live) in _adopted(unrecorded).items():
+        adopted = _adopted(unrecorded, self._docker.engine()) if unrecorded else {}
+        for app_id, (record, live) in adopted.items():
             found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
         return found
 
-    def _current_state(self, app_id: str, listed: Sequence[Mapping[str, Any]], ask: bool) -> str | None:
+    def _start(self, app_id: str) -> _Start:
+        record = self._store.record(app_id)
+        return "started" if record is None else self._reconciler.start(record)
+
+    def _current_state(
+        self, app_id: str, listed: tuple[Sequence[Mapping[str, Any]], _Start] | None
+    ) -> str | None:
         record = self._store.record(app_id)
         if record is None:
             return None
         live: dict[str, AppState] = {}
-        if ask and record.asks_docker:
+        if listed is not None and record.asks_docker:
             with contextlib.suppress(_OtherEngine):  # as last recorded
                 record, live = self._reconciler.reconciled(record, listed)
         return _record_state(record, live).name
@@ -2519,25 +2656,32 @@ class PersistentDockerScheduler(DockerScheduler):
     def delete(self, app_id: str) -> None:
         """Forgets ``app_id`` (``torchx delete`` on torchx main): stops what still runs, then removes
         its containers, its harvested logs and, last, its record; an unknown app id is ignored."""
+        self._delete(app_id)
+
+    def _delete(self, app_id: str) -> bool:
+        """:py:meth:`delete`; whether this call removed the app's record (not another process)."""
         recorded = self._store.get(app_id)
         self._ours.check_engine(recorded)
         containers = self._ours.containers(app_id)
         if recorded is None and not containers:
             log.debug("delete: no app %r in session %r or in Docker", app_id, self.session_name)
-            return
+            return False
         self._logs.check(app_id)  # a symlink is refused before anything is removed
         self._docker.stop(_to_stop(containers), recorded.stop_timeout if recorded else STOP_TIMEOUT)
         self._docker.remove([_container_name(c) for c in containers])
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
         with self._store.update() as apps:
-            if self._store.record(app_id) is not None:  # nothing to write for an app it does not hold
+            removed = self._store.record(app_id) is not None  # nothing to write for an app it does not hold
+            if removed:
                 apps[app_id] = None
         log.info("deleted app %s from session %s", app_id, self.session_name)
+        return removed
 
     def prune(self, older_than: timedelta) -> builtins.list[str]:
         """Deletes, as :py:meth:`delete` does, this session's apps whose last replica ended longer ago
-        than ``older_than``, and returns their ids, oldest first. Running apps are never touched."""
+        than ``older_than``, and returns their ids, oldest first: those this call removed, so that
+        processes pruning at once each return the apps they removed. Running apps are never touched."""
         cutoff = time.time() - older_than.total_seconds()
         pruned = []
         for app_id, _ in self._store.summaries():
@@ -2545,8 +2689,7 @@ class PersistentDockerScheduler(DockerScheduler):
             if record is not None and not record.settled:
                 with contextlib.suppress(_OtherEngine):  # not this engine's to touch
                     record, _ = self._reconciler.reconciled(record)
-            if record is not None and record.settled and record.ended_at < cutoff:
-                self.delete(app_id)
+            if record is not None and record.settled and record.ended_at < cutoff and self._delete(app_id):
                 pruned.append(app_id)
         return pruned
 

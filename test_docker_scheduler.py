@@ -12,18 +12,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
 import pickle
 import pwd
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -31,6 +35,7 @@ import sysconfig
 import tarfile
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 import uuid
@@ -51,6 +56,7 @@ from torchx.specs import AppState
 import docker_scheduler
 from docker_scheduler import (
     LABEL_SESSION,
+    DockerUnavailableError,
     PersistentDockerScheduler,
     create_scheduler,
 )
@@ -444,39 +450,31 @@ def _listed(state: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "replica, listed, in_progress, started, expected",
+    "replica, listed, expected",
     [
-        ({}, {"app-r-0": _listed("running")}, False, True, {"live": {"app-r-0": AppState.RUNNING}}),
-        ({}, {"app-r-0": _listed("exited")}, False, True, {"inspect": ("app-r-0",)}),
-        ({}, {}, False, True, {"ends": {"vanished": docker_scheduler._VANISHED, "logs": "lost"}}),
+        ({}, {"app-r-0": _listed("running")}, {"live": {"app-r-0": AppState.RUNNING}}),
+        ({}, {"app-r-0": _listed("exited")}, {"inspect": ("app-r-0",)}),
+        ({}, {}, {"ends": {"vanished": docker_scheduler._VANISHED, "logs": "lost"}}),
         (
             {"exit_code": 1, "logs": "retry", "log_error": "full"},
             {"app-r-0": _listed("exited")},
-            False,
-            True,
             {"retry": ("app-r-0",)},
         ),
         (
             {"exit_code": 1, "logs": "retry", "log_error": "full"},
             {},
-            False,
-            True,
             {"ends": {"logs": "lost", "log_error": ""}},
         ),
-        ({"exit_code": 0, "logs": "recorded"}, {"app-r-0": _listed("exited")}, False, True, {}),
+        ({"exit_code": 0, "logs": "recorded"}, {"app-r-0": _listed("exited")}, {}),
     ],
     ids=["running", "ended", "vanished", "logs-retried", "logs-lost", "settled"],
 )
 def test_plan_decides_from_the_record_and_the_listing(
     replica: dict[str, Any],
     listed: dict[str, Any],
-    in_progress: bool,
-    started: bool,
     expected: dict[str, Any],
 ) -> None:
-    plan = docker_scheduler._plan(
-        _record(**replica), listed, start_in_progress=in_progress, started=started, now=5.0
-    )
+    plan = docker_scheduler._plan(_record(**replica), listed, "started", now=5.0)
     assert plan.live == expected.get("live", {})
     assert (plan.inspect, plan.retry) == (expected.get("inspect", ()), expected.get("retry", ()))
     ends = {name: {k: v for k, v in end.items() if k != "ended"} for name, end in plan.ends.items()}
@@ -487,11 +485,11 @@ def test_plan_decides_from_the_record_and_the_listing(
 def test_plan_leaves_a_starting_app_alone_until_its_start_is_over() -> None:
     starting = dataclasses.replace(_record(), starting=True)
     listed = {"app-r-0": _listed("created")}
-    plan = docker_scheduler._plan(starting, listed, start_in_progress=True, started=False, now=5.0)
+    plan = docker_scheduler._plan(starting, listed, "under way", now=5.0)
     assert plan.live == {"app-r-0": AppState.SUBMITTED} and not plan.ends and not plan.write
-    plan = docker_scheduler._plan(starting, {}, start_in_progress=False, started=False, now=5.0)
+    plan = docker_scheduler._plan(starting, {}, "not started", now=5.0)
     assert plan.ends["app-r-0"]["vanished"] == docker_scheduler._NEVER_CREATED and plan.write
-    plan = docker_scheduler._plan(starting, {}, start_in_progress=False, started=True, now=5.0)
+    plan = docker_scheduler._plan(starting, {}, "started", now=5.0)
     assert plan.ends["app-r-0"]["vanished"] == docker_scheduler._VANISHED
 
 
@@ -796,24 +794,37 @@ def test_since_and_until_keep_every_line_that_may_lie_in_the_window(
         for text, ts in stamps.items():
             at = datetime.strptime(ts[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc)
             later = at + (timedelta(milliseconds=500) if coarse else timedelta(microseconds=1))
+            whole = at.replace(microsecond=0)  # a bound on a whole second: asked of Podman as such
             seen[text] = [
                 list(scheduler.log_iter(app_id, "r", since=later)),
                 list(scheduler.log_iter(app_id, "r", since=later, until=later)),
+                list(scheduler.log_iter(app_id, "r", until=whole)),
+                list(scheduler.log_iter(app_id, "r", since=whole, until=whole)),
             ]
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        seen["epoch"] = [
+            list(scheduler.log_iter(app_id, "r", **w)) for w in ({"until": epoch}, {"since": epoch})
+        ]
         return seen
 
     def expected(text: str) -> list[list[str]]:
+        whole = stamps[text][:19] + ".000000000Z"
+        on_whole = [
+            [t + "\n" for t in stamps if stamps[t] <= whole],
+            [t + "\n" for t in stamps if stamps[t] == whole],
+        ]
         if coarse:  # the line may lie after the bound: kept
             after = [t + "\n" for t in stamps if stamps[t] >= stamps[text]]
-            return [after, [t + "\n" for t in stamps if stamps[t] == stamps[text]]]
+            return [after, [t + "\n" for t in stamps if stamps[t] == stamps[text]], *on_whole]
         after = [t + "\n" for t in stamps if stamps[t] > stamps[text]]
-        return [after, []]
+        return [after, [], *on_whole]
 
     live = windows()
     wait_for(scheduler, app_id)  # harvests
     client.api.remove_container(name)
     harvested = windows()
-    assert live == harvested == {text: expected(text) for text in stamps}
+    everything = [t + "\n" for t in stamps]
+    assert live == harvested == {**{text: expected(text) for text in stamps}, "epoch": [[], everything]}
 
 
 @pytest.mark.engine
@@ -862,10 +873,18 @@ def test_long_lines_survive_harvest_whole(
 def test_tail_follows_a_running_replica_until_it_exits(
     make: Callable[..., PersistentDockerScheduler],
 ) -> None:
+    """Ending on a line with no newline, which dockerd's follow can drop: read again after it ends."""
     scheduler = make()
-    app_id = submit(scheduler, role("r", "for i in 1 2 3; do echo line$i; sleep 0.5; done"))
-    assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == ["line1\n", "line2\n", "line3\n"]
-    assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == ["line1\n", "line2\n", "line3\n"]
+    expected = ["line1\n", "line2\n", "line3\n", "last"]
+    for _ in range(3):
+        app_id = submit(scheduler, role("r", "for i in 1 2 3; do echo line$i; sleep 0.3; done; printf last"))
+        assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == expected
+    assert list(scheduler.log_iter(app_id, "r", should_tail=True)) == expected
+    # The seam: a follow that ends before the last two lines, as dockerd's can, is caught up.
+    logs, streams, window = scheduler._logs, ["stdout", "stderr"], (None, None)
+    cut = itertools.islice(logs._frames(f"{app_id}-r-0", streams, window, True), 2)
+    caught_up = logs._caught_up(f"{app_id}-r-0", streams, window, cut)
+    assert [payload.partition(b" ")[2] for _, payload in caught_up] == [line.encode() for line in expected]
 
 
 @pytest.mark.engine
@@ -1206,6 +1225,44 @@ def _native_app(tmp_path: Path) -> specs.AppDef:
         resource=specs.Resource(cpu=1, gpu=0, memMB=128),
     )
     return specs.AppDef("native", roles=[r])
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_harvest_that_meets_a_delete_leaves_nothing_and_says_what_happened(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+    when: str,
+) -> None:
+    """Another process deletes the app once the harvest has its logs request (``before`` it opens the
+    app's directory), or while it writes them into that directory (``during``)."""
+    harvester = make()
+    app_id = submit(harvester, role("r", "echo hi"))
+    wait_exited(client, app_id)
+    logs = harvester._docker.logs
+
+    def deleted_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        response = logs(*args, **kwargs)
+        if when == "before":
+            make(session=harvester.session_name).delete(app_id)
+            return response
+        blocks = response.iter_content
+
+        def deleted_while_written(size: int) -> Iterator[bytes]:
+            yield from blocks(size)
+            make(session=harvester.session_name).delete(app_id)
+
+        response.iter_content = deleted_while_written
+        return response
+
+    harvester._docker.logs = deleted_meanwhile
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        harvester.describe(app_id)
+    assert "free space" not in caplog.text
+    if when == "during":
+        assert "a directory in it was removed meanwhile (by a delete, or by hand)" in caplog.text
+    assert not os.path.exists(os.path.join(harvester.state_dir, f"{harvester.session_name}.logs", app_id))
+    assert harvester.describe(app_id) is None and container_names(client, app_id) == []
 
 
 @pytest.mark.torchx
@@ -2342,16 +2399,18 @@ def test_env_values_never_reach_describe_msg(
 ) -> None:
     scheduler = make()
     secret = "s3cret-token-value"
-    # A NUL in a value: Docker creates the container, then fails to start it, echoing the entry.
-    app = specs.AppDef("leak", roles=[role("r", "true", env={"TOKEN": f"{secret}\x00", "OTHER": secret})])
+    # A NUL in a value: Docker creates the container, then fails to start it, echoing the entry as Go
+    # quotes it. The value holds a quote, a newline and a long tail too: none of it may show.
+    token = f'pre"{secret}\nmore\\{"t" * 3000}\x00'
+    app = specs.AppDef("leak", roles=[role("r", "true", env={"TOKEN": token, "OTHER": secret})])
     with pytest.raises(RuntimeError) as raised:
         scheduler.submit(app, CFG)
-    assert "TOKEN=***" in str(raised.value) and secret not in str(raised.value)
     (app_id,) = [a.app_id for a in scheduler.list()]
     desc = scheduler.describe(app_id)
-    assert desc.state == AppState.FAILED and "TOKEN=***" in desc.msg and secret not in desc.msg
     recorded = make(session=scheduler.session_name).describe(app_id).msg  # as the record holds it
-    assert "TOKEN=***" in recorded and secret not in recorded
+    assert desc.state == AppState.FAILED
+    for shown in (str(raised.value), desc.msg, recorded):
+        assert "TOKEN=***" in shown and "s3cret" not in shown and "more" not in shown and "ttt" not in shown
     assert container_names(client, app_id) == []
 
 
@@ -2538,6 +2597,13 @@ def test_an_app_belongs_to_the_engine_that_ran_it(
             with pytest.raises(RuntimeError, match=f"set DOCKER_HOST={DOCKERD} to reach it"):
                 call(app_id)
         assert len(dockerd.containers.list(filters={"label": f"{LABEL_APP_ID}={app_id}"})) == 1
+        # The session file lost, and rebuilt from labels by a process on dockerd: the rebuilt record
+        # belongs to dockerd, so from Podman it is still never recorded ended.
+        Path(scheduler.session_file).write_bytes(b"lost")
+        rebuilt = script + f"print(json.dumps(s.describe({app_id!r}).state.name))"
+        assert run_python(rebuilt, scheduler.state_dir, env={"DOCKER_HOST": DOCKERD}) == "RUNNING"
+        desc = scheduler.describe(app_id)
+        assert desc.state == AppState.UNKNOWN and f"runs on the Docker engine at {DOCKERD}" in desc.msg
         back = run_python(
             script
             + textwrap.dedent(
@@ -2621,6 +2687,136 @@ def test_an_app_scheduled_through_a_docker_context_belongs_to_that_context(
         assert lifecycle(session, state_dir, through_context, "cancel", app_id) == "CANCELLED"
     finally:
         remove_app_containers(client, app_id)
+
+
+def docker_cli_env(monkeypatch: pytest.MonkeyPatch, config: Path, context: str | None = None) -> None:
+    """This process's environment as a Docker CLI user's whose config is ``config``, without DOCKER_HOST."""
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    if context:
+        monkeypatch.setenv("DOCKER_CONTEXT", context)
+
+
+def write_context(config: Path, name: str, meta: bytes) -> Path:
+    """A context's meta.json where the Docker CLI keeps it under ``config``."""
+    path = config / "contexts" / "meta" / hashlib.sha256(name.encode()).hexdigest() / "meta.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(meta)
+    return path
+
+
+def test_contexts_are_read_where_the_docker_cli_reads_them_and_their_errors_name_the_file(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scheduler = make()
+    running = start_long(scheduler)
+    # A context in ./contexts of a directory the user is in chooses nothing: no config.json says so.
+    monkeypatch.chdir(tmp_path)
+    write_context(tmp_path, "here", json.dumps({"Endpoints": {"docker": {"Host": DOCKERD}}}).encode())
+    docker_cli_env(monkeypatch, tmp_path / "no-config", "here")
+    with pytest.raises(DockerUnavailableError, match="DOCKER_CONTEXT=here names no Docker context"):
+        submit(make(session=scheduler.session_name), role("r", "true"))
+    # config.json's current context, missing: the message says which setting named it.
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"currentContext": "gone"}))
+    docker_cli_env(monkeypatch, config)
+    monkeypatch.delenv("DOCKER_CONTEXT")
+    with pytest.raises(
+        DockerUnavailableError, match=f"currentContext 'gone' in {config}/config.json names no"
+    ):
+        submit(make(session=scheduler.session_name), role("r", "true"))
+    # Its meta.json malformed: list() falls back to the session file, describe() says what to fix.
+    (config / "config.json").write_text(json.dumps({"currentContext": "broken"}))
+    meta = write_context(config, "broken", b"{")
+    broken = make(session=scheduler.session_name)
+    with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
+        assert [a.app_id for a in broken.list()] == [running]
+    assert f"listing from the session file only: cannot read {meta}" in caplog.text
+    with pytest.raises(DockerUnavailableError, match=f"cannot read {meta}, a Docker CLI file .*fix it"):
+        broken.describe(running)
+    assert container_names(client, running) == [f"{running}-r-0"]
+
+
+@pytest.fixture
+def tls_engine(tmp_path: Path, client: docker.DockerClient) -> Iterator[tuple[str, Path, list[int]]]:
+    """dockerd behind TLS on 127.0.0.1: a proxy with a self-signed certificate for 127.0.0.1 in front
+    of its socket. Yields its URL, the certificate, and a list that grows with each TLS handshake."""
+    if os.environ.get("DOCKER_HOST", DOCKERD) != DOCKERD:
+        pytest.skip(f"runs where the engine is dockerd at {DOCKERD} (CI's first leg)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1"
+    subprocess.run(["openssl", *made.split(), "-keyout", key, "-out", cert], check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    handshakes: list[int] = []
+
+    def pump(conn: socket.socket) -> None:
+        with conn, socket.socket(socket.AF_UNIX) as engine:
+            try:
+                secure = tls.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                return  # not TLS: refused, as a TLS engine refuses it
+            handshakes.append(1)
+            engine.connect(DOCKERD.removeprefix("unix://"))
+            with contextlib.suppress(OSError):
+                while True:
+                    ready = [secure] if secure.pending() else select.select([secure, engine], [], [], 60)[0]
+                    for source in ready:
+                        data = source.recv(1 << 16)
+                        if not data:
+                            return
+                        (engine if source is secure else secure).sendall(data)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=pump, args=(server.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"tcp://127.0.0.1:{server.getsockname()[1]}", cert, handshakes
+    server.close()
+
+
+def test_a_tls_context_is_spoken_to_as_the_docker_cli_speaks_to_it(
+    make: Callable[..., PersistentDockerScheduler],
+    tls_engine: tuple[str, Path, list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Contexts made by the docker CLI: one that skips verifying (TLS all the same), one with a CA."""
+    if shutil.which("docker") is None:
+        if CI:
+            pytest.fail("CI=true and no docker CLI: apt-get install docker.io")
+        pytest.skip("needs the docker CLI to make the contexts")
+    url, cert, handshakes = tls_engine
+    config = tmp_path / "docker-config"
+    for name, options in (("skip", "skip-tls-verify=true"), ("verified", f"ca={cert}")):
+        made = [
+            "docker",
+            "--config",
+            str(config),
+            "context",
+            "create",
+            name,
+            "--docker",
+            f"host={url},{options}",
+        ]
+        subprocess.run(made, check=True, capture_output=True, timeout=30)
+        cli = ["docker", "--config", str(config), "--context", name, "version"]
+        assert subprocess.run(cli, capture_output=True, timeout=30).returncode == 0  # the CLI gets there
+        docker_cli_env(monkeypatch, config, name)
+        before = len(handshakes)
+        scheduler = make()
+        app_id = submit(scheduler, role("r", "echo over tls"))
+        assert scheduler.wait(app_id, timeout=60).state == AppState.SUCCEEDED
+        assert list(scheduler.log_iter(app_id, "r")) == ["over tls\n"]
+        assert recorded(scheduler)[app_id].engine_endpoint == url and len(handshakes) > before
 
 
 @contextlib.contextmanager
@@ -2944,6 +3140,10 @@ def test_partial_schedule_removes_started_containers_and_records_failed(
             specs.AppDef("many", roles=[specs.Role("r", image=IMAGE, entrypoint="true", num_replicas=257)]),
             "asks for 257 replicas; at most 256",
         ),
+        (
+            specs.AppDef("n" * 300, roles=[specs.Role("r", image=IMAGE, entrypoint="true")]),
+            r"\(300 characters\) is too long: its app id names a directory",
+        ),
     ],
 )
 @pytest.mark.torchx
@@ -3213,6 +3413,68 @@ def test_a_crash_between_record_and_start_is_reconciled(
     assert not recorded(reader)[app_id].starting
     reader.cancel(app_id)
     assert reader.describe(app_id).state == AppState.CANCELLED
+
+
+@pytest.mark.parametrize("read", ["describe", "list"])
+def test_a_start_that_ends_while_a_reader_lists_is_never_recorded_ended(
+    make: Callable[..., PersistentDockerScheduler], read: str
+) -> None:
+    """The race at its seams: the starter holds its start lock before it creates the containers until
+    the reader has listed none; the reader decides only once the start is over."""
+    starter = make()
+    reader = make(session=starter.session_name)
+    listed = threading.Event()
+    start_all, containers = starter._docker.start_all, reader._docker.containers
+
+    def start_once_listed(*args: Any) -> Any:
+        assert listed.wait(30)
+        return start_all(*args)
+
+    starter._docker.start_all = start_once_listed
+    with ThreadPoolExecutor(1) as pool:
+        submitted = pool.submit(submit, starter, role("r", LONG))
+        app_id = wait_until(lambda: list(recorded(starter)), "the record, written before the start")[0]
+
+        def listing_then_start_ends(*args: Any) -> Any:
+            found = containers(*args)
+            listed.set()
+            submitted.result(timeout=30)  # the start ends between the listing and the decision
+            return found
+
+        reader._docker.containers = listing_then_start_ends
+        first = reader.describe(app_id).state if read == "describe" else reader.list()[0].state
+    assert first == AppState.SUBMITTED
+    assert not any(rep.final for rep in recorded(reader)[app_id].replicas)
+    fresh = make(session=starter.session_name)
+    assert fresh.describe(app_id).state == AppState.RUNNING
+    fresh.cancel(app_id)
+    assert fresh.describe(app_id).state == AppState.CANCELLED
+
+
+def test_processes_pruning_at_once_each_report_the_apps_they_removed(
+    make: Callable[..., PersistentDockerScheduler],
+) -> None:
+    """Three schedulers list the same ended apps, then all prune them (a barrier after each one's
+    listing): every app is reported once, by the one that removed it."""
+    first = make()
+    apps = [submit(first, role("r", "true")) for _ in range(6)]
+    for app_id in apps:
+        wait_for(first, app_id)
+    pruners = [make(session=first.session_name) for _ in range(3)]
+    listed = threading.Barrier(3)
+    for pruner in pruners:
+        summaries = pruner._store.summaries
+
+        def summaries_then_wait(summaries: Callable[[], Any] = summaries) -> Any:
+            found = summaries()
+            listed.wait(30)
+            return found
+
+        pruner._store.summaries = summaries_then_wait
+    with ThreadPoolExecutor(3) as pool:
+        pruned = list(pool.map(lambda p: p.prune(timedelta(0)), pruners))
+    assert sorted(app_id for ids in pruned for app_id in ids) == sorted(apps)
+    assert first.list() == []
 
 
 def test_prune_deletes_old_ended_apps_of_this_session_only(
