@@ -610,15 +610,9 @@ def _record_from_job(
     else:  # a hand-made AppDryRunInfo: the containers are all there is
         commands = {c.kwargs["name"]: (c.image, c.command) for c in job.containers}
         roles = _roles_from_replicas(replicas, commands)
+    remove, stop = bool(cfg.get("remove_on_exit")), _stop_timeout(cfg)
     return AppRecord(
-        job.app_id,
-        time.time(),
-        roles,
-        tuple(replicas),
-        bool(cfg.get("remove_on_exit")),
-        starting=True,
-        stop_timeout=_stop_timeout(cfg),
-        **engine,
+        job.app_id, time.time(), roles, tuple(replicas), remove, starting=True, stop_timeout=stop, **engine
     )
 
 
@@ -2193,6 +2187,8 @@ class _Plan:
 
 #: Where an app's start stands (see :py:meth:`_Logs.start`), read before Docker lists its containers.
 _Start = Literal["under way", "started", "not started"]
+#: An app's containers as Docker listed them, and where its start stood before they were listed.
+_Listed = tuple[Sequence[Mapping[str, Any]], _Start]
 _NEVER_CREATED = "was never created: the process starting the app ended first"
 _VANISHED = "vanished before its exit code could be read"
 
@@ -2271,7 +2267,7 @@ class _Reconciler:
         return self._logs.start(record.app_id) if record.starting else "started"
 
     def reconciled(
-        self, record: AppRecord, listed: tuple[Sequence[Mapping[str, Any]], _Start] | None = None
+        self, record: AppRecord, listed: _Listed | None = None
     ) -> tuple[AppRecord, dict[str, AppState]]:
         """The record brought up to date with its containers (``listed``, with where its start stood
         before they were listed; or both asked for here), and the live states of the replicas still
@@ -2572,9 +2568,7 @@ class PersistentDockerScheduler(DockerScheduler):
         record = self._store.record(app_id)
         return "started" if record is None else self._reconciler.start(record)
 
-    def _current_state(
-        self, app_id: str, listed: tuple[Sequence[Mapping[str, Any]], _Start] | None
-    ) -> str | None:
+    def _current_state(self, app_id: str, listed: _Listed | None) -> str | None:
         record = self._store.record(app_id)
         if record is None:
             return None
