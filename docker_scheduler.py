@@ -212,8 +212,7 @@ def _runopts(torchx_opts: runopts) -> runopts:
 
 
 def _submitted(info: _DryRun) -> tuple[AppDef | None, dict[str, Any]]:
-    """The AppDef and resolved ``cfg`` that ``submit_dryrun`` attached to ``info``: torchx main's
-    ``app`` and ``cfg``, torchx 0.7's ``_app`` and ``_cfg``; a hand-made ``AppDryRunInfo`` has neither."""
+    """The AppDef and ``cfg`` that ``submit_dryrun`` attached (torchx main: app, 0.7: _app), or none."""
     app = getattr(info, "app", None) or getattr(info, "_app", None)
     cfg = getattr(info, "cfg", None) or getattr(info, "_cfg", None) or {}
     return app, {key: cfg[key] for key in cfg}
@@ -577,12 +576,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _docker_typed(cls: type[dict[str, Any]], value: dict[str, Any]) -> Any:
-    typed = cls.__new__(cls)  # their constructors take other spellings than the dicts they build
-    typed.update(value)
-    return typed
-
-
 def _container_kwargs(plain: Mapping[str, Any]) -> dict[str, Any]:
     """The kwargs of a recorded request, with docker-py's helper types rebuilt."""
     kwargs = copy.deepcopy(dict(plain))
@@ -593,6 +586,12 @@ def _container_kwargs(plain: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, dict):
             kwargs[key] = _docker_typed(cls, value)
     return kwargs
+
+
+def _docker_typed(cls: type[dict[str, Any]], value: dict[str, Any]) -> Any:
+    typed = cls.__new__(cls)  # their constructors take other spellings than the dicts they build
+    typed.update(value)
+    return typed
 
 
 def _record_from_job(
@@ -643,11 +642,10 @@ def _by_app(containers: Iterable[Mapping[str, Any]]) -> dict[str, builtins.list[
     return groups
 
 
-def _adopted(
-    containers: Iterable[Mapping[str, Any]], engine: _Engine
+def _records_from_containers(
+    containers: Iterable[Mapping[str, Any]], engine: Callable[[], _Engine]
 ) -> dict[str, tuple[AppRecord, dict[str, AppState]]]:
-    """Records for apps known only from their containers, each with its containers' live states; they
-    belong to ``engine``, whose containers they are."""
+    """Records for apps known only from their containers, with their live states, on ``engine()``."""
     adopted = {}
     for app_id, group in _by_app(containers).items():
         ids = sorted(
@@ -656,7 +654,9 @@ def _adopted(
         )
         replicas = tuple(ReplicaRecord(role, k, name) for role, k, name in ids)
         commands = {_container_name(c): (c["Image"], str(c.get("Command", "")).split()) for c in group}
-        record = AppRecord(app_id, time.time(), _roles_from_replicas(replicas, commands), replicas, **engine)
+        record = AppRecord(
+            app_id, time.time(), _roles_from_replicas(replicas, commands), replicas, **engine()
+        )
         adopted[app_id] = record, {_container_name(c): _container_state(c) for c in group}
     return adopted
 
@@ -805,8 +805,7 @@ def _start_failed(record: AppRecord, reason: str) -> AppRecord:
 
 
 def _removable(record: AppRecord, among: Iterable[str] | None = None) -> builtins.list[str]:
-    """Containers with nothing left to read: their replica's end is recorded, and its logs are
-    recorded or lost. ``among`` narrows them to some replicas, by container name."""
+    """Containers with nothing left to read (end recorded, logs recorded or lost), maybe ``among`` some."""
     names = None if among is None else set(among)
     done = (rep for rep in record.replicas if rep.final and not rep.logs_pending)
     return [rep.name for rep in done if names is None or rep.name in names]
@@ -864,8 +863,7 @@ class UnsafeStateError(PermissionError):
 
 
 def _check_session_name(session_name: str) -> None:
-    bad = [sep for sep in ("/", os.sep, os.altsep, "\0") if sep]
-    if not session_name or ".." in session_name or any(s in session_name for s in bad):
+    if not session_name or any(bad in session_name for bad in ("..", "/", "\0")):
         raise ValueError(
             f"invalid session name {session_name!r}: it names the session file, so it must be "
             "non-empty and hold no path separator or '..' (e.g. 'my_experiments')"
@@ -919,8 +917,7 @@ def _gave_up(code: int, what: str, path: str) -> OSError:
 
 
 class _Dir(contextlib.AbstractContextManager["_Dir"]):
-    """A directory held open by a descriptor: every access is relative to it, follows no symlink,
-    and sets the mode of what it creates explicitly (0700 directories, 0600 files), whatever the umask."""
+    """A directory held open: every access is relative to it, follows no symlink, sets modes explicitly."""
 
     def __init__(self, fd: int, path: str) -> None:
         self.fd, self.path = fd, path
@@ -1089,8 +1086,7 @@ def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OS
 
 
 def _open_private_dir(path: str) -> _Dir:
-    """Opens the state directory ``path``, checking it and each parent, making what is missing 0700.
-    Each directory is opened through the one before it, following no symlink: what is checked is held."""
+    """Opens ``path`` through each parent in turn, each checked, making what is missing 0700."""
     real = os.path.realpath(path)
     current = _Dir(os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "/")
     parts = [part for part in real.split(os.sep) if part]
@@ -1238,11 +1234,8 @@ class _SessionStore:
     def summaries(self) -> builtins.list[tuple[str, str | None]]:
         """Each app's id and its final state's name (None while it can change), oldest first."""
         self._refresh()
-        return self._recovering(self._summaries)
-
-    def _summaries(self) -> builtins.list[tuple[str, str | None]]:
-        entries = [(app_id, _checked_entry(app_id, entry)) for app_id, entry in self._entries.items()]
-        return [(app_id, entry[1]) for app_id, entry in sorted(entries, key=lambda item: item[1][0])]
+        entries = self._recovering(lambda: [(a, _checked_entry(a, e)) for a, e in self._entries.items()])
+        return [(app_id, state) for app_id, (_, state, _) in sorted(entries, key=lambda item: item[1][0])]
 
     @contextlib.contextmanager
     def update(self) -> Iterator[dict[str, AppRecord | None]]:
@@ -1440,18 +1433,16 @@ def _fan_out(fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
 
 @contextlib.contextmanager
 def _closing(stream: Any) -> Iterator[None]:
-    """Closes a stream of Docker's events on the way out. docker-py's close() takes the socket under
-    the response apart and fails where there is none (ssh through the ssh command); closing the
-    response itself then ends the stream."""
+    """Closes a stream of Docker's events on the way out. docker-py 7's ``CancellableStream.close()``
+    takes the socket under the response apart, and raises where there is none (ssh through the ssh
+    command): closing the response itself then ends the stream."""
     try:
         yield
     finally:
         try:
             stream.close()
         except Exception:
-            response = getattr(stream, "_response", None)
-            if response is not None:
-                response.close()
+            stream._response.close()
 
 
 #: torchx's lock around making its network (``ensure_network``), in the temporary directory:
@@ -1709,6 +1700,9 @@ class _Docker:
 # dockerd prints RFC 3339 with 9 fixed fraction digits in UTC; Podman trims the fraction (or prints
 # none) and may print an offset.
 _TIMESTAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, its part to the whole second, and the rest of a stamp
+# that is on a whole second (every stamp of an engine that stamps to the second: see _place).
+_STAMP_SIZE, _SECOND_SIZE, _WHOLE_SECOND = 30, 19, b".000000000Z"
 
 
 def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
@@ -1725,7 +1719,7 @@ def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
 
 def _fixed_stamp(line: bytes) -> bytes:
     """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
-    if line[19:20] == b"." and line[29:31] == b"Z ":
+    if line[_SECOND_SIZE : _SECOND_SIZE + 1] == b"." and line[_STAMP_SIZE - 1 : _STAMP_SIZE + 1] == b"Z ":
         return line  # dockerd's own
     parsed = _parse_timestamp(line)
     if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
@@ -1762,16 +1756,14 @@ def _seconds(window: _Window) -> dict[str, int | None]:
     return {"since": since, "until": None if end is None else max(1, math.floor(end) + 1)}
 
 
-# dockerd's stamp, 2026-11-30T01:02:03.123456789Z, its part to the whole second, and the rest of a stamp
-# that is on a whole second (every stamp of an engine that stamps to the second: see _within).
-_STAMP_SIZE, _SECOND_SIZE, _WHOLE_SECOND = 30, 19, b".000000000Z"
-
-
-def _within(stamp: bytes, low: bytes | None, high: bytes | None) -> bool:
-    """Whether a line stamped ``stamp`` (dockerd's form) may lie within ``low`` and ``high``. A stamp
-    on a whole second (Podman stamps to the second) stands for that second: so it is compared."""
+def _place(stamp: bytes, low: bytes | None, high: bytes | None) -> int:
+    """Where a line stamped ``stamp`` (dockerd's form) lies against ``low`` and ``high``: -1 before,
+    0 within, 1 after; the one window rule, live and harvested. A stamp on a whole second (Podman
+    stamps to the second) stands for that second: so it is compared."""
     size = _SECOND_SIZE if stamp[_SECOND_SIZE:] == _WHOLE_SECOND else _STAMP_SIZE
-    return (low is None or stamp[:size] >= low[:size]) and (high is None or stamp[:size] <= high[:size])
+    if low is not None and stamp[:size] < low[:size]:
+        return -1
+    return 1 if high is not None and stamp[:size] > high[:size] else 0
 
 
 # Docker's multiplexed log stream: frames of an 8-byte header (stream id, 3 zero bytes, big-endian
@@ -1800,12 +1792,12 @@ def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
     for block in blocks:
         data = data[pos:] + block if pos < len(data) else block
         pos, size = 0, len(data)
-        while pos + 8 <= size:
+        while pos + _FRAME_HEADER.size <= size:
             stream, length = _FRAME_HEADER.unpack_from(data, pos)
-            end = pos + 8 + length
+            end = pos + _FRAME_HEADER.size + length
             if end > size:
                 break
-            yield stream, data[pos + 8 : end]
+            yield stream, data[pos + _FRAME_HEADER.size : end]
             pos = end
 
 
@@ -1827,7 +1819,7 @@ def _stamped_lines(
     frames: Iterable[tuple[int, bytes]], since: datetime | None, until: datetime | None
 ) -> Iterator[bytes]:
     """The payloads of timestamped frames, stamps taken off, of the lines that may lie within
-    ``since`` and ``until`` (see :py:func:`_within`); a line split into frames is kept whole or not."""
+    ``since`` and ``until`` (see :py:func:`_place`); a line split into frames is kept whole or not."""
     low, high = _docker_time(since), _docker_time(until)
     if low is None and high is None:
         yield from (payload.partition(b" ")[2] for _, payload in frames)
@@ -1837,7 +1829,7 @@ def _stamped_lines(
     for stream, payload in frames:
         raw, _, text = payload.partition(b" ")
         if not continued.get(stream):
-            keep[stream] = _within(_fixed_stamp(raw + b" ")[:-1], low, high)
+            keep[stream] = _place(_fixed_stamp(raw + b" ")[:-1], low, high) == 0
         continued[stream] = not text.endswith(b"\n")
         if keep[stream]:
             yield text
@@ -1860,25 +1852,16 @@ def _write_streams(
 
 
 def _read_harvested(f: BinaryIO, low: bytes | None, high: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-    """A harvested file's stamps and lines within ``low`` and ``high``, compared as :py:func:`_within`
-    compares them, written out here because it runs for every line."""
-    low_s, high_s = (None if t is None else t[:_SECOND_SIZE] for t in (low, high))
-    unbounded = low is None and high is None
+    """A harvested file's stamps and lines within ``low`` and ``high`` (see :py:func:`_place`)."""
+    bounded = low is not None or high is not None
     with f:
         for raw in f:
             ts, _, text = raw.partition(b" ")
-            if unbounded:
-                pass
-            elif ts[_SECOND_SIZE:] == _WHOLE_SECOND:  # a stamp to the second stands for its second
-                if low_s is not None and ts[:_SECOND_SIZE] < low_s:
-                    continue
-                if high_s is not None and ts[:_SECOND_SIZE] > high_s:
-                    break  # the file is in time order
-            elif low is not None and ts < low:
-                continue
-            elif high is not None and ts > high:
-                break
-            yield ts, text
+            place = _place(ts, low, high) if bounded else 0
+            if place > 0:
+                break  # the file is in time order
+            if place == 0:
+                yield ts, text
 
 
 # -- the log directory: harvesting and serving ----------------------------------
@@ -1997,11 +1980,9 @@ class _Logs:
         except (DockerException, DockerUnavailableError, OSError, requests.exceptions.RequestException) as e:
             reason, fix = _harvest_failure(e, self.app_dir(app_id))
             # Said before the exit code is written: whether that worked, its own warning says.
-            why = (
-                f"could not record the logs of container {rep.name} ({reason}): the container is kept until "
-            )
-            why += f"they are; {fix}. The next describe, list, log_iter or close tries again"
-            _warn_once(self._warned, (rep.name, reason), why)
+            why = f"could not record the logs of container {rep.name} ({reason}): the container is kept until"
+            again = "The next describe, list, log_iter or close tries again"
+            _warn_once(self._warned, (rep.name, reason), f"{why} they are; {fix}. {again}")
             return {"logs": "retry", "log_error": reason}
         return {"logs": "recorded", "log_error": ""}
 
@@ -2137,11 +2118,10 @@ class _Ownership:
         if _CONTAINER_NAME.fullmatch(app_id) and _CONTAINER_NAME.fullmatch(f"x{role}") and replica.isdigit():
             return True
         name = _container_name(container)
-        why = (
-            f"ignoring container {name}: its labels name app {app_id!r}, role {role!r}, replica {replica!r}, "
+        why = f"labels name app {app_id!r}, role {role!r}, replica {replica!r}, which no app here could have"
+        _warn_once(
+            self._warned, (name, "labels"), f"ignoring container {name}: its {why}; nothing is recorded"
         )
-        why += "which no app submitted here could have; nothing is recorded or written for it"
-        _warn_once(self._warned, (name, "labels"), why)
         return False
 
     def check_engine(self, record: AppRecord | None) -> None:
@@ -2248,19 +2228,13 @@ class _Reconciler:
 
     def rebuild(self) -> dict[str, AppRecord]:
         """Records for every app of the session that Docker has containers of."""
-        containers = self._ours.containers()
-        adopted = _adopted(containers, self._docker.engine()) if containers else {}
+        adopted = _records_from_containers(self._ours.containers(), self._docker.engine)
         return {app_id: record for app_id, (record, _) in adopted.items()}
 
-    def unrecorded(self, app_id: str) -> tuple[AppRecord, dict[str, AppState]] | None:
-        """A record for an app known only from its containers, and their states; or None."""
-        containers = self._ours.containers(app_id)
-        return _adopted(containers, self._docker.engine()).get(app_id) if containers else None
-
-    def adopted(self, app_id: str) -> AppRecord | None:
-        """A record for an app known only from its containers; or None."""
-        unrecorded = self.unrecorded(app_id)
-        return None if unrecorded is None else unrecorded[0]
+    def from_containers(self, app_id: str) -> tuple[AppRecord | None, dict[str, AppState]]:
+        """A record for an app known only from its containers, and their states; or None and {}."""
+        adopted = _records_from_containers(self._ours.containers(app_id), self._docker.engine)
+        return adopted.get(app_id, (None, {}))
 
     def start(self, record: AppRecord) -> _Start:
         """Where the record's start stands; read it before listing the containers (see :py:func:`_plan`)."""
@@ -2496,12 +2470,12 @@ class PersistentDockerScheduler(DockerScheduler):
     def _described(self, app_id: str) -> DescribeAppResponse | None:
         record = self._store.get(app_id)
         if record is None:
-            unrecorded = self._reconciler.unrecorded(app_id)
-            if unrecorded is None:
+            adopted, states = self._reconciler.from_containers(app_id)
+            if adopted is None:
                 unknown = f"session {self.session_name} in {self.state_dir} has no app {app_id}"
                 _warn_once(self._warned, (app_id, "unknown"), f"{unknown}, and no container carries it")
                 return None
-            return _describe_record(*unrecorded)
+            return _describe_record(adopted, states)
         live: dict[str, AppState] = {}
         if not record.settled:
             record, live = self._reconciler.reconciled(record)
@@ -2530,11 +2504,11 @@ class PersistentDockerScheduler(DockerScheduler):
         since = int(time.time())  # before the look, so no event after it is missed
         desc = self._described(app_id)
         seen: set[tuple[Any, ...]] = set()
+        labels = {LABEL_SESSION: self.session_name, LABEL_APP_ID: app_id}
         while desc is not None and not is_terminal(desc.state):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"app {app_id} is still {desc.state.name} after {timeout} s")
-            labels = {LABEL_SESSION: self.session_name, LABEL_APP_ID: app_id}
             self._docker.await_change(labels, since, remaining, seen)
             desc = self._described(app_id)
         return desc
@@ -2559,8 +2533,7 @@ class PersistentDockerScheduler(DockerScheduler):
             if final is not None:
                 found.append(ListAppResponse(app_id=app_id, state=AppState[final]))
         unrecorded = [c for app_id, group in by_app.items() if app_id not in recorded for c in group]
-        adopted = _adopted(unrecorded, self._docker.engine()) if unrecorded else {}
-        for app_id, (record, live) in adopted.items():
+        for app_id, (record, live) in _records_from_containers(unrecorded, self._docker.engine).items():
             found.append(ListAppResponse(app_id=app_id, state=_record_state(record, live)))
         return found
 
@@ -2611,7 +2584,7 @@ class PersistentDockerScheduler(DockerScheduler):
 
     def _find_replica(self, app_id: str, role_name: str, k: int) -> ReplicaRecord:
         """The replica, from the session file or, for an app it lacks, from Docker's labels."""
-        record = self._store.get(app_id) or self._reconciler.adopted(app_id)
+        record = self._store.get(app_id) or self._reconciler.from_containers(app_id)[0]
         if record is None:
             raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
         return _replica(record, role_name, k)
@@ -2636,7 +2609,7 @@ class PersistentDockerScheduler(DockerScheduler):
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = self._store.record(app_id) or self._reconciler.adopted(app_id)
+            record = self._store.record(app_id) or self._reconciler.from_containers(app_id)[0]
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return
