@@ -35,6 +35,7 @@ import pickle
 import re
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -76,12 +77,14 @@ from torchx.specs.api import (
     is_terminal,
     runopts,
 )
+from torchx.util.types import to_dict
 
 if TYPE_CHECKING:
     from docker import DockerClient
 
 __all__ = [
     "DockerUnavailableError",
+    "OtherEngineError",
     "PersistentDockerScheduler",
     "UnsafeStateError",
     "create_scheduler",
@@ -119,6 +122,8 @@ DEFAULT_IMAGE_PULL = "always"
 PULL_PROGRESS_INTERVAL = 3.0
 #: At most this many replicas in one app, over all its roles (each is a container on this machine).
 MAX_REPLICAS = 256
+#: Seconds after starting an app in which :py:meth:`PersistentDockerScheduler.describe` waits for it to end.
+SETTLE_TIME = 0.25
 
 # Docker refuses container names outside this pattern; app ids and log directories follow it too.
 _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
@@ -201,14 +206,43 @@ class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
 _DryRun = Any
 
 
+class _RunOpts(runopts):
+    """Run options whose ``-cfg`` value that does not cast to its type (``stop_timeout=abc``) is kept as
+    given, so that torchx's type check names the option where its CLI reports errors; torchx's own
+    parsing lets ``int('abc')``'s ValueError out, naming nothing, before its CLI can."""
+
+    def cfg_from_str(self, cfg_str: str) -> dict[str, CfgVal]:
+        try:
+            return super().cfg_from_str(cfg_str)
+        except ValueError:
+            cfg: dict[str, CfgVal] = {}
+            for key, value in to_dict(cfg_str).items():
+                try:
+                    cfg.update(super().cfg_from_str(f"{key}={value}"))
+                except ValueError:
+                    cfg[key] = value
+            return cfg
+
+
 def _runopts(torchx_opts: runopts) -> runopts:
     """``local_docker``'s run options (as torchx 0.7 declares them) and ours."""
+    opts = _RunOpts()
     if _TorchxDockerOpts is not None:
-        return PersistentDockerOpts.as_runopts()  # type: ignore[no-any-return]
+        opts.update(PersistentDockerOpts.as_runopts())
+        return opts
     for f in dataclasses.fields(PersistentDockerOpts):
         default = cast(CfgVal, f.default)
         torchx_opts.add(f.name, type_=f.metadata["type"], default=default, help=f.metadata["help"])
-    return torchx_opts
+    opts.update(torchx_opts)
+    return opts
+
+
+def _waits_for_ever(caller: types.FrameType) -> bool:
+    """Whether torchx 0.7's ``torchx log`` asked (``get_logs`` through ``Runner.status``): it waits for as
+    long as describe() answers None, so an app id nobody knows would keep it waiting for ever."""
+    asker = caller.f_back
+    where = (asker.f_globals.get("__name__"), asker.f_code.co_name) if asker else None
+    return where == ("torchx.cli.cmd_log", "get_logs")
 
 
 def _submitted(info: _DryRun) -> tuple[AppDef | None, dict[str, Any]]:
@@ -1602,7 +1636,9 @@ class _Docker:
         """Returns after an event of the labelled containers that is not in ``seen`` (it is added),
         or after ``timeout`` seconds. Events since ``since`` (epoch seconds) are replayed, so none
         between a look and this call is missed."""
-        until = None if timeout is None else math.ceil(time.time() + timeout)
+        until = (
+            None if timeout is None else f"{time.time() + timeout:.9f}"
+        )  # dockerd and Podman take a fraction
         wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
         with self._reaching():
             stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
@@ -2082,8 +2118,10 @@ class _Logs:
 # == Ownership: a state directory's containers, an app's engine ===============
 
 
-class _OtherEngine(RuntimeError):
-    """An app recorded on another Docker engine than the one this process talks to."""
+class OtherEngineError(RuntimeError):
+    """``cancel``, ``delete`` or ``wait`` of an app that runs on another Docker engine than the one this
+    process talks to; the message names both, and the setting that reaches the app's. ``record`` is
+    the app's record, as last written."""
 
     def __init__(self, message: str, record: AppRecord) -> None:
         super().__init__(message)
@@ -2125,7 +2163,7 @@ class _Ownership:
         return False
 
     def check_engine(self, record: AppRecord | None) -> None:
-        """The one decision on engines: raises :py:class:`_OtherEngine` when ``record`` was scheduled on
+        """The one decision on engines: raises :py:class:`OtherEngineError` when ``record`` was scheduled on
         another engine than this process talks to, so that nothing here acts on it or records an end it
         did not have. An app adopted from its containers belongs to the engine that listed them."""
         here = self._docker.endpoint
@@ -2135,7 +2173,7 @@ class _Ownership:
             return
         there = _Endpoint(record.engine_endpoint, record.engine_context)
         setting = f"DOCKER_CONTEXT={there.context}" if there.context else f"DOCKER_HOST={there.url}"
-        raise _OtherEngine(
+        raise OtherEngineError(
             f"app {record.app_id} runs on the Docker engine at {there} (ID {record.engine_id}), and this "
             f"scheduler talks to the one at {here} (ID {self._docker.engine_id}): its state is as last "
             f"recorded; set {setting} to reach it",
@@ -2245,7 +2283,7 @@ class _Reconciler:
     ) -> tuple[AppRecord, dict[str, AppState]]:
         """The record brought up to date with its containers (``listed``, with where its start stood
         before they were listed; or both asked for here), and the live states of the replicas still
-        going; :py:class:`_OtherEngine` for another engine's app."""
+        going; :py:class:`OtherEngineError` for another engine's app."""
         self._ours.check_engine(record)
         if listed is None:
             start = self.start(record)
@@ -2364,7 +2402,7 @@ class PersistentDockerScheduler(DockerScheduler):
         self._logs = _Logs(self._state, session_name, self._docker)
         self._ours = _Ownership(self._docker, session_name, lambda: self._state_dir_id)
         self._reconciler = _Reconciler(self._store, self._docker, self._logs, self._ours)
-        self._scheduled: list[str] = []
+        self._scheduled: dict[str, float] = {}  # app id: when this scheduler started it (monotonic)
         self._warned: set[tuple[str, str]] = set()
         self._closed = False
         with contextlib.suppress(OSError):  # made with the directory; a read-only one is told when it matters
@@ -2421,8 +2459,10 @@ class PersistentDockerScheduler(DockerScheduler):
         """
         job: DockerJob = dryrun_info.request
         app, cfg = _submitted(dryrun_info)
-        self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
-        record = _record_from_job(job, app, cfg, self._docker.engine())
+        with ThreadPoolExecutor(1) as pool:  # the engine's ID is asked for while the images are pulled
+            engine = pool.submit(self._docker.engine)
+            self._docker.prepare({c.image for c in job.containers}, _image_pull(cfg))
+        record = _record_from_job(job, app, cfg, engine.result())
         try:
             start_lock = self._logs.lock_start(job.app_id)
         except OSError as e:
@@ -2437,7 +2477,7 @@ class PersistentDockerScheduler(DockerScheduler):
             if failure is not None:
                 self._record_start_failure(record, _start_failure(*failure), failure[1])
             self._logs.mark_started(job.app_id)
-        self._scheduled.append(job.app_id)
+        self._scheduled[job.app_id] = time.monotonic()
         return job.app_id
 
     def _nothing_started(self, error: OSError, what: str) -> OSError:
@@ -2461,19 +2501,25 @@ class PersistentDockerScheduler(DockerScheduler):
     # -- query ------------------------------------------------------------
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
-        """Describes ``app_id`` from the session file, asking Docker only while it runs; None if unknown."""
+        """Describes ``app_id`` from the session file, asking Docker only while it runs; None if unknown.
+        Within :py:data:`SETTLE_TIME` of this scheduler starting the app, it waits out the rest of that
+        time for the app to end: torchx's CLI looks again only a second later, so a short app reads its
+        end rather than RUNNING."""
         try:
-            return self._described(app_id)
-        except _OtherEngine as e:
+            settle = self._scheduled.get(app_id, -math.inf) + SETTLE_TIME - time.monotonic()
+            desc = self._awaited(app_id, settle) if settle > 0 else self._described(app_id)
+        except OtherEngineError as e:
             return _describe_record(e.record, {}, [str(e)])
+        if desc is None and _waits_for_ever(sys._getframe(1)):
+            raise SystemExit(f"torchx log: {self._unknown(app_id)}")
+        return desc
 
     def _described(self, app_id: str) -> DescribeAppResponse | None:
         record = self._store.get(app_id)
         if record is None:
             adopted, states = self._reconciler.from_containers(app_id)
             if adopted is None:
-                unknown = f"session {self.session_name} in {self.state_dir} has no app {app_id}"
-                _warn_once(self._warned, (app_id, "unknown"), f"{unknown}, and no container carries it")
+                _warn_once(self._warned, (app_id, "unknown"), self._unknown(app_id))
                 return None
             return _describe_record(adopted, states)
         live: dict[str, AppState] = {}
@@ -2483,6 +2529,12 @@ class PersistentDockerScheduler(DockerScheduler):
             with contextlib.suppress(DockerUnavailableError):  # only its logs are missing: retry later
                 record, live = self._reconciler.reconciled(record)
         return _describe_record(record, live)
+
+    def _unknown(self, app_id: str) -> str:
+        return (
+            f"session {self.session_name} in {self.state_dir} has no app {app_id}, and no container carries "
+            "it: check the id (list(), or `torchx list -s local_docker_persistent`, lists the session's apps)"
+        )
 
     def describe_native(self, app_id: str) -> AppDryRunInfo[DockerJob] | None:
         """The request ``app_id`` was scheduled with (each container's image, command and ``docker
@@ -2500,6 +2552,13 @@ class PersistentDockerScheduler(DockerScheduler):
             TimeoutError: when ``timeout`` seconds pass first; it names the app and its state.
             RuntimeError: when the app runs on another Docker engine; it says how to reach it.
         """
+        desc = self._awaited(app_id, timeout)
+        if desc is not None and not is_terminal(desc.state):
+            raise TimeoutError(f"app {app_id} is still {desc.state.name} after {timeout} s")
+        return desc
+
+    def _awaited(self, app_id: str, timeout: float | None) -> DescribeAppResponse | None:
+        """The app's description once it is terminal, or once ``timeout`` seconds passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         since = int(time.time())  # before the look, so no event after it is missed
         desc = self._described(app_id)
@@ -2508,7 +2567,7 @@ class PersistentDockerScheduler(DockerScheduler):
         while desc is not None and not is_terminal(desc.state):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"app {app_id} is still {desc.state.name} after {timeout} s")
+                break
             self._docker.await_change(labels, since, remaining, seen)
             desc = self._described(app_id)
         return desc
@@ -2547,7 +2606,7 @@ class PersistentDockerScheduler(DockerScheduler):
             return None
         live: dict[str, AppState] = {}
         if listed is not None and record.asks_docker:
-            with contextlib.suppress(_OtherEngine):  # as last recorded
+            with contextlib.suppress(OtherEngineError):  # as last recorded
                 record, live = self._reconciler.reconciled(record, listed)
         return _record_state(record, live).name
 
@@ -2576,7 +2635,7 @@ class PersistentDockerScheduler(DockerScheduler):
         refreshed = functools.partial(self._reconciler.replica_now, app_id)
         try:
             lines = self._logs.lines(app_id, rep, wanted, (since, until), should_tail, refreshed)
-        except _OtherEngine as e:
+        except OtherEngineError as e:
             log.warning("%s; its logs are there", e)
             return iter(())
         text = (line.decode("utf-8", "replace") for line in lines)
@@ -2586,7 +2645,7 @@ class PersistentDockerScheduler(DockerScheduler):
         """The replica, from the session file or, for an app it lacks, from Docker's labels."""
         record = self._store.get(app_id) or self._reconciler.from_containers(app_id)[0]
         if record is None:
-            raise ValueError(f"no app {app_id!r} in session {self.session_name!r} or in Docker")
+            raise ValueError(self._unknown(app_id))
         return _replica(record, role_name, k)
 
     # -- cancel, delete, prune and close ------------------------------------
@@ -2654,7 +2713,7 @@ class PersistentDockerScheduler(DockerScheduler):
         for app_id, _ in self._store.summaries():
             record = self._store.record(app_id)
             if record is not None and not record.settled:
-                with contextlib.suppress(_OtherEngine):  # not this engine's to touch
+                with contextlib.suppress(OtherEngineError):  # not this engine's to touch
                     record, _ = self._reconciler.reconciled(record)
             if record is not None and record.settled and record.ended_at < cutoff and self._delete(app_id):
                 pruned.append(app_id)
