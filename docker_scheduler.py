@@ -1261,9 +1261,9 @@ class _SessionStore:
         self._held = threading.local()
 
     def get(self, app_id: str) -> AppRecord | None:
-        """The app's record as of the last write by any process, or None."""
+        """The app's record as of the last write by any process, or None; decoded on first use."""
         self._refresh()
-        return self.record(app_id)
+        return self._recovering(lambda: self._decoded(app_id) if app_id in self._entries else None)
 
     def summaries(self) -> builtins.list[tuple[str, str | None]]:
         """Each app's id and its final state's name (None while it can change), oldest first."""
@@ -1274,17 +1274,13 @@ class _SessionStore:
     @contextlib.contextmanager
     def update(self) -> Iterator[dict[str, AppRecord | None]]:
         """Reads the file again under the lock, and yields the changes to write back on a clean exit:
-        an app's new record, or None to delete it. :py:meth:`record` gives the records as read."""
+        an app's new record, or None to delete it. :py:meth:`get` gives the records as read."""
         with self._locked():
             self._refresh()
             changes: dict[str, AppRecord | None] = {}
             yield changes
             if changes:
                 self._write(changes)
-
-    def record(self, app_id: str) -> AppRecord | None:
-        """The record as last read, decoded on first use."""
-        return self._recovering(lambda: self._decoded(app_id) if app_id in self._entries else None)
 
     def _recovering(self, read: Callable[[], _T]) -> _T:
         """``read()``; when it finds the file corrupt, read again once :py:meth:`_recover` ran."""
@@ -2330,7 +2326,7 @@ class _Reconciler:
         app_id = seen.app_id
         try:
             with self._store.update() as apps:
-                current = self._store.record(app_id)
+                current = self._store.get(app_id)
                 if current is None:  # deleted meanwhile: the logs just harvested go too
                     self._logs.remove(app_id)
                     return seen.with_ends(ends)
@@ -2597,11 +2593,11 @@ class PersistentDockerScheduler(DockerScheduler):
         return found
 
     def _start(self, app_id: str) -> _Start:
-        record = self._store.record(app_id)
+        record = self._store.get(app_id)
         return "started" if record is None else self._reconciler.start(record)
 
     def _current_state(self, app_id: str, listed: _Listed | None) -> str | None:
-        record = self._store.record(app_id)
+        record = self._store.get(app_id)
         if record is None:
             return None
         live: dict[str, AppState] = {}
@@ -2668,7 +2664,7 @@ class PersistentDockerScheduler(DockerScheduler):
             return
         with self._store.update() as apps:
             # An app known to Docker only is adopted, so that its cancel is recorded.
-            record = self._store.record(app_id) or self._reconciler.from_containers(app_id)[0]
+            record = self._store.get(app_id) or self._reconciler.from_containers(app_id)[0]
             if record is None:
                 log.info("cancel: app %s has no containers left; nothing to do", app_id)
                 return
@@ -2698,7 +2694,7 @@ class PersistentDockerScheduler(DockerScheduler):
         # The record goes last: until then a crash leaves the app listed, and delete can run again.
         self._logs.remove(app_id)
         with self._store.update() as apps:
-            removed = self._store.record(app_id) is not None  # nothing to write for an app it does not hold
+            removed = self._store.get(app_id) is not None  # nothing to write for an app it does not hold
             if removed:
                 apps[app_id] = None
         log.info("deleted app %s from session %s", app_id, self.session_name)
@@ -2711,7 +2707,7 @@ class PersistentDockerScheduler(DockerScheduler):
         cutoff = time.time() - older_than.total_seconds()
         pruned = []
         for app_id, _ in self._store.summaries():
-            record = self._store.record(app_id)
+            record = self._store.get(app_id)
             if record is not None and not record.settled:
                 with contextlib.suppress(OtherEngineError):  # not this engine's to touch
                     record, _ = self._reconciler.reconciled(record)

@@ -434,7 +434,7 @@ def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> No
         apps["b"] = dataclasses.replace(_record(), app_id="b")
     blob = store._entries["a"][2]
     with store.update() as apps:
-        apps["b"] = store.record("b").with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
+        apps["b"] = store.get("b").with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
     assert store._entries["a"][2] is blob  # not pickled again
     fresh = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
     assert [(app_id, state) for app_id, state in fresh.summaries()] == [("a", None), ("b", "FAILED")]

@@ -480,7 +480,7 @@ def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) ->
     """Fills the session with copies of ``real``'s record (each with its own strings) up to ``count`` apps."""
     have = len(scheduler._store.summaries())
     with scheduler._store.update() as apps:
-        template = docker_scheduler._to_plain(scheduler._store.record(real))
+        template = docker_scheduler._to_plain(scheduler._store.get(real))
         for i in range(count - have):
             plain = pickle.loads(pickle.dumps(template))
             plain["app_id"] = f"synthetic-{i:05d}"
