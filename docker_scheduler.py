@@ -1629,24 +1629,25 @@ class _Docker:
     def await_change(
         self, labels: Mapping[str, str], since: int, timeout: float | None, seen: set[tuple[Any, ...]]
     ) -> None:
-        """Returns after an event of the labelled containers that is not in ``seen`` (it is added),
-        or after ``timeout`` seconds. Events since ``since`` (epoch seconds) are replayed, so none
-        between a look and this call is missed."""
-        until = (
-            None if timeout is None else f"{time.time() + timeout:.9f}"
-        )  # dockerd and Podman take a fraction
+        """Returns after a labelled container died or went (dockerd's die and destroy, Podman's died and
+        remove: the only ways it can end) in an event not in ``seen`` (it is added), or after ``timeout``
+        seconds. Events since ``since`` (epoch seconds) are replayed, so none between a look and this
+        call is missed."""
+        until = None if timeout is None else f"{time.time() + timeout:.9f}"  # engines take a fraction
         wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
         with self._reaching():
             stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
         with _closing(stream), self._reaching():
             for event in stream:
                 action = event.get("Action") or event.get("status")
-                if (key := (event.get("id"), event.get("timeNano"), action)) not in seen:
-                    seen.add(key)
-                    if action in ("die", "died"):  # told before the container's state says it ended
-                        with contextlib.suppress(NotFound, requests.exceptions.RequestException):
-                            self.client.api.wait(str(event.get("id")), timeout=timeout)
-                    return
+                key = (event.get("id"), event.get("timeNano"), action)
+                if action not in ("die", "died", "destroy", "remove") or key in seen:
+                    continue
+                seen.add(key)
+                if action in ("die", "died"):  # told before the container's state says it ended
+                    with contextlib.suppress(NotFound, requests.exceptions.RequestException):
+                        self.client.api.wait(str(event.get("id")), timeout=timeout)
+                return
 
     def prepare(self, images: Iterable[str], policy: str) -> None:
         """Makes every image available as ``policy`` says, and torchx's network."""
@@ -2259,6 +2260,7 @@ class _Reconciler:
     def __init__(self, store: _SessionStore, docker_: _Docker, logs: _Logs, ours: _Ownership) -> None:
         self._store, self._docker, self._logs, self._ours = store, docker_, logs, ours
         self._warned: set[tuple[str, str]] = set()
+        self._busy: dict[str, threading.Lock] = {}  # by app id: one reconcile of an app at a time here
 
     def rebuild(self) -> dict[str, AppRecord]:
         """Records for every app of the session that Docker has containers of."""
@@ -2281,15 +2283,16 @@ class _Reconciler:
         before they were listed; or both asked for here), and the live states of the replicas still
         going; :py:class:`OtherEngineError` for another engine's app."""
         self._ours.check_engine(record)
-        if listed is None:
-            start = self.start(record)
-            listed = self._ours.containers(record.app_id), start
-        by_name = {_container_name(c): c for c in listed[0]}
-        plan = _plan(record, by_name, listed[1], time.time())
-        live, ends = self._carry_out(record, plan)
-        if ends or plan.write:
-            record = self._record_ends(record, ends)
-        return record, live
+        with self._busy.setdefault(record.app_id, threading.Lock()):
+            record = self._store.get(record.app_id) or record  # what a reconcile that ran meanwhile found
+            if not record.asks_docker:
+                return record, {}
+            if listed is None:
+                start = self.start(record)
+                listed = self._ours.containers(record.app_id), start
+            plan = _plan(record, {_container_name(c): c for c in listed[0]}, listed[1], time.time())
+            live, ends = self._carry_out(record, plan)
+            return (self._record_ends(record, ends) if ends or plan.write else record), live
 
     def _carry_out(self, record: AppRecord, plan: _Plan) -> tuple[dict[str, AppState], dict[str, _End]]:
         """Inspects and harvests what ``plan`` says, side by side: the live states and the ends."""
