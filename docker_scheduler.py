@@ -159,39 +159,25 @@ class PersistentDockerOpts(_TorchxDockerOpts or object):  # type: ignore[misc]
     are added to ``local_docker``'s ``runopts``."""
 
     image_pull: str = _option(
-        DEFAULT_IMAGE_PULL,
-        str,
-        "when to pull each role's image: `always` (as local_docker; a failed pull falls back to a local "
-        "copy), `missing` (only when Docker lacks it) or `never` (a missing image is an error)",
+        DEFAULT_IMAGE_PULL, str, "when to pull each role's image: always (as local_docker), missing or never"
     )
     remove_on_exit: bool = _option(
         False, bool, "remove each container once its exit code and logs are recorded in the session"
     )
     shm_size: str | None = _option(
-        None,
-        str,
-        "size of /dev/shm in every container, in Docker's size syntax (`256m`, `16g`, or bytes), as "
-        "`docker run --shm-size`; PyTorch DataLoader workers and NCCL need more than Docker's 64m. "
-        "Overrides the size local_docker derives from a role's memMB; unset, that stays",
+        None, str, "size of /dev/shm in every container, e.g. 256m or 16g (docker run --shm-size)"
     )
     ipc_mode: str | None = _option(
-        None,
-        str,
-        "IPC namespace of every container, as `docker run --ipc`: `private`, `shareable`, `host`, "
-        "`none` or `container:<name>`",
+        None, str, "IPC namespace of every container: private, shareable, host, none or container:<name>"
     )
     ulimits: list[str] | None = _option(
         None,
         typing.List[str],  # noqa: UP006  torchx 0.7 parses an option typed exactly so as a list
-        "resource limits of every container, each `name=soft[:hard]` as `docker run --ulimit` (one value "
-        "sets both; -1 is unlimited), e.g. nofile=1024:2048. Within torchx's -cfg string, where `=` and "
-        "`,` separate options, write `name:soft[:hard]`: ulimits=memlock:-1,stack:67108864",
+        "resource limits of every container, name=soft[:hard] each (docker run --ulimit); within -cfg, "
+        "where = and , separate options, write name:soft[:hard]: ulimits=nofile:1024:2048,memlock:-1",
     )
     stop_timeout: int = _option(
-        STOP_TIMEOUT,
-        int,
-        "seconds each container gets between SIGTERM and SIGKILL when cancel, delete, close or prune "
-        "stop it, as `docker run --stop-timeout`; Docker's default is 10. Recorded with the app",
+        STOP_TIMEOUT, int, "seconds between SIGTERM and SIGKILL when a container is stopped (Docker's: 10)"
     )
 
     @classmethod
