@@ -1098,10 +1098,16 @@ def _state_dir_error(error: OSError, path: str, chosen_by: str, what: str) -> OS
     """``error`` restated: what failed, on which path, which setting chose it, and what to do."""
     if isinstance(error, UnsafeStateError):
         return UnsafeStateError(str(error))  # it names the path and the fix already
+    fix = f"{_fix(error)}, or point"
+    if error.errno == errno.ENOTDIR:  # name the file that stands where a directory should
+        blocker = path
+        while not os.path.lexists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        fix = f"{blocker} is a file, not a directory: point"
     return type(error)(
         error.errno,
         f"cannot {what} ({error.strerror}); the state directory {path} comes from {chosen_by}: "
-        f"{_fix(error)}, or point state_dir or {STATE_DIR_ENV} at another directory",
+        f"{fix} state_dir or {STATE_DIR_ENV} at another directory",
     )
 
 

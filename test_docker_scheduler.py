@@ -371,6 +371,17 @@ def test_session_name_is_validated(name: str, state_dir: str) -> None:
     assert not os.path.exists(state_dir)  # refused before anything is made
 
 
+def test_a_state_dir_under_a_file_names_the_file_and_what_to_do(tmp_path: Path) -> None:
+    blocker = tmp_path / "passwd"
+    blocker.write_text("root:x:0:0\n")
+    with pytest.raises(NotADirectoryError) as raised:
+        PersistentDockerScheduler("s", state_dir=str(blocker / "state"))
+    assert f"{blocker} is a file, not a directory: point state_dir or DOCKER_SCHEDULER_STATE_DIR at" in str(
+        raised.value
+    )
+    assert "free space" not in str(raised.value) and blocker.read_text() == "root:x:0:0\n"
+
+
 def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("DOCKER_SCHEDULER_STATE_DIR", raising=False)
