@@ -1744,7 +1744,7 @@ def _parse_timestamp(text: bytes) -> tuple[bytes, bytes, int] | None:
 
 def _fixed_stamp(line: bytes) -> bytes:
     """``line`` with its leading timestamp in dockerd's fixed-width UTC form."""
-    if line[_SECOND_SIZE : _SECOND_SIZE + 1] == b"." and line[_STAMP_SIZE - 1 : _STAMP_SIZE + 1] == b"Z ":
+    if line[19:20] == b"." and line[29:31] == b"Z ":  # _SECOND_SIZE, _STAMP_SIZE - 1: it runs for every line
         return line  # dockerd's own
     parsed = _parse_timestamp(line)
     if parsed is None or line[parsed[2] : parsed[2] + 1] != b" ":
@@ -1814,15 +1814,16 @@ def _frames(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
 
 def _demultiplexed(blocks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
     data, pos = b"", 0
+    header, unpack = _FRAME_HEADER.size, _FRAME_HEADER.unpack_from  # locals: this runs for every frame
     for block in blocks:
         data = data[pos:] + block if pos < len(data) else block
         pos, size = 0, len(data)
-        while pos + _FRAME_HEADER.size <= size:
-            stream, length = _FRAME_HEADER.unpack_from(data, pos)
-            end = pos + _FRAME_HEADER.size + length
+        while pos + header <= size:
+            stream, length = unpack(data, pos)
+            end = pos + header + length
             if end > size:
                 break
-            yield stream, data[pos + _FRAME_HEADER.size : end]
+            yield stream, data[pos + header : end]
             pos = end
 
 
