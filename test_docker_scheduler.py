@@ -241,13 +241,23 @@ def is_podman(client: docker.DockerClient) -> bool:
     return any("podman" in c.get("Name", "").lower() for c in client.version().get("Components", []))
 
 
+def labelled(client: docker.DockerClient, key: str, value: str) -> list[Any]:
+    """Every container, running or not, labelled ``key=value``."""
+    return client.containers.list(all=True, filters={"label": f"{key}={value}"})
+
+
+def state_env(state_dir: str | Path, **extra: str) -> dict[str, str]:
+    """This process's environment, with ``extra`` and ``state_dir`` as the state directory."""
+    return {**os.environ, **extra, STATE_DIR_ENV: str(state_dir)}
+
+
 def remove_session_containers(client: docker.DockerClient, session: str) -> None:
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
+    for c in labelled(client, LABEL_SESSION, session):
         c.remove(force=True)
 
 
 def remove_app_containers(client: docker.DockerClient, app_id: str) -> None:
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+    for c in labelled(client, LABEL_APP_ID, app_id):
         c.remove(force=True)
 
 
@@ -300,7 +310,7 @@ def start_long(scheduler: PersistentDockerScheduler, replicas: int = 1) -> str:
 
 
 def container_names(client: docker.DockerClient, app_id: str) -> list[str]:
-    found = client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
+    found = labelled(client, LABEL_APP_ID, app_id)
     return sorted(c.name for c in found)
 
 
@@ -364,6 +374,7 @@ def run_python(
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name", ["", "a/b", "..", "../up", "a..b", "nul\0byte"])
 def test_session_name_is_validated(name: str, state_dir: str) -> None:
     with pytest.raises(ValueError, match="invalid session name"):
@@ -371,6 +382,7 @@ def test_session_name_is_validated(name: str, state_dir: str) -> None:
     assert not os.path.exists(state_dir)  # refused before anything is made
 
 
+@pytest.mark.pure
 def test_a_state_dir_under_a_file_names_the_file_and_what_to_do(tmp_path: Path) -> None:
     blocker = tmp_path / "passwd"
     blocker.write_text("root:x:0:0\n")
@@ -382,6 +394,7 @@ def test_a_state_dir_under_a_file_names_the_file_and_what_to_do(tmp_path: Path) 
     assert "free space" not in str(raised.value) and blocker.read_text() == "root:x:0:0\n"
 
 
+@pytest.mark.pure
 def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("DOCKER_SCHEDULER_STATE_DIR", raising=False)
@@ -392,6 +405,7 @@ def test_state_dir_comes_from_argument_env_then_xdg(tmp_path: Path, monkeypatch:
     assert scheduler.session_file == str(tmp_path / "arg" / "s.pickle")
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("chosen_by", ["argument", "env", "xdg"])
 def test_a_state_dir_that_cannot_be_made_names_the_path_and_the_setting(
     chosen_by: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -427,6 +441,7 @@ def _record(**replica: Any) -> docker_scheduler.AppRecord:
     return docker_scheduler.AppRecord("app", 1.0, (role,), (rep,))
 
 
+@pytest.mark.pure
 def test_records_are_replaced_never_mutated_and_read_back_whole() -> None:
     record = _record(exit_code=3, exit_note="out of memory", ended=2.0, logs="recorded")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -438,6 +453,7 @@ def test_records_are_replaced_never_mutated_and_read_back_whole() -> None:
     assert ended.replicas[0].exit_code == 3 and record.replicas[0].exit_code == 3
 
 
+@pytest.mark.pure
 def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> None:
     store = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
     with store.update() as apps:
@@ -453,6 +469,7 @@ def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> No
     assert fresh.get("b").replicas[0].exit_code == 1 and set(fresh._records) == {"b"}
 
 
+@pytest.mark.pure
 def test_a_sweep_never_takes_a_finished_temporary_file_before_it_is_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -477,6 +494,7 @@ def test_a_sweep_never_takes_a_finished_temporary_file_before_it_is_in_place(
 T1, T2 = b"2026-11-30T01:02:03.000000001Z", b"2026-11-30T01:02:04.000000002Z"
 
 
+@pytest.mark.pure
 def test_a_raw_tty_log_split_mid_line_is_harvested_whole(tmp_path: Path) -> None:
     blocks = [T1 + b" hello wor", b"ld\n" + T2 + b" second line\n"]
     assert list(docker_scheduler._frames(iter(blocks))) == [
@@ -490,6 +508,7 @@ def test_a_raw_tty_log_split_mid_line_is_harvested_whole(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "out"]  # no temporary file left
 
 
+@pytest.mark.pure
 def test_a_multiplexed_log_whose_first_block_is_short_is_demultiplexed() -> None:
     body = b"\x01\x00\x00\x00\x00\x00\x00\x03hi\n" + b"\x02\x00\x00\x00\x00\x00\x00\x04err\n"
     for cut in range(1, len(body)):
@@ -497,6 +516,7 @@ def test_a_multiplexed_log_whose_first_block_is_short_is_demultiplexed() -> None
         assert list(docker_scheduler._frames(iter(blocks))) == [(1, b"hi\n"), (2, b"err\n")], cut
 
 
+@pytest.mark.pure
 def test_timestamps_with_an_offset_mean_the_same_instant_everywhere() -> None:
     assert docker_scheduler._fixed_stamp(b"2026-11-30T03:02:03.5+02:00 x\n") == (
         b"2026-11-30T01:02:03.500000000Z x\n"
@@ -506,6 +526,7 @@ def test_timestamps_with_an_offset_mean_the_same_instant_everywhere() -> None:
     assert docker_scheduler._finished_at("2026-11-30T01:02:03.500000000Z") == finished
 
 
+@pytest.mark.pure
 def test_a_stamp_on_a_whole_second_stands_for_that_second_live_and_harvested() -> None:
     """Podman stamps to the second: such a line may lie anywhere in its second, so a bound in that
     second keeps it. A stamp with a fraction is compared exactly. Harvested and live reads agree."""
@@ -532,6 +553,7 @@ def _listed(state: str) -> dict[str, Any]:
     return {"State": state}
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     "replica, listed, expected",
     [
@@ -565,6 +587,7 @@ def test_plan_decides_from_the_record_and_the_listing(
     assert not plan.write
 
 
+@pytest.mark.pure
 def test_plan_leaves_a_starting_app_alone_until_its_start_is_over() -> None:
     starting = dataclasses.replace(_record(), starting=True)
     listed = {"app-r-0": _listed("created")}
@@ -718,6 +741,7 @@ def test_running_app_reads_running_until_every_replica_ends(
     assert wait_until(quick_done, "quick to succeed while slow runs", 30).state == AppState.RUNNING
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     "states, expected",
     [
@@ -1071,10 +1095,7 @@ def test_cancel_is_seen_by_every_process(
     desc = scheduler.describe(app_id)
     assert desc.state == AppState.CANCELLED and desc.msg.startswith("cancelled")
     assert [r.state for r in desc.roles_statuses[0].replicas] == [AppState.CANCELLED] * 2
-    assert all(
-        not c.attrs["State"]["Running"]
-        for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
-    )
+    assert all(not c.attrs["State"]["Running"] for c in labelled(client, LABEL_APP_ID, app_id))
     seen = run_python(
         f"""
         import json
@@ -1095,9 +1116,14 @@ def test_cancel_of_finished_or_unknown_apps_changes_nothing(
     wait_for(scheduler, app_id)
     scheduler.cancel(app_id)
     assert scheduler.describe(app_id).state == AppState.SUCCEEDED
+    before = Path(scheduler.session_file).read_bytes()
     with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
         scheduler.cancel("no-such-app-123")
+        scheduler.delete("no-such-app-123")
     assert "no-such-app-123" in caplog.text
+    assert Path(scheduler.session_file).read_bytes() == before  # nothing written, nothing else touched
+    assert [(a.app_id, a.state) for a in scheduler.list()] == [(app_id, AppState.SUCCEEDED)]
+    assert scheduler.describe("no-such-app-123") is None
 
 
 @pytest.mark.engine
@@ -1114,10 +1140,7 @@ def test_cancel_of_a_failed_app_stops_the_rest_and_keeps_failed(
     scheduler.cancel(app_id)
     desc = scheduler.describe(app_id)
     assert desc.state == AppState.FAILED and "broken/0 exited with code 2" in desc.msg
-    assert all(
-        not c.attrs["State"]["Running"]
-        for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"})
-    )
+    assert all(not c.attrs["State"]["Running"] for c in labelled(client, LABEL_APP_ID, app_id))
 
 
 # Ignores SIGTERM, so only SIGKILL stops it.
@@ -1400,6 +1423,7 @@ def test_describe_native_returns_the_request_as_scheduled(
     assert seen == [IMAGE, expected.containers[0].command, "Mount", f"{app_id}-r-0"]
 
 
+@pytest.mark.pure
 def test_docker_helper_types_survive_the_session_file() -> None:
     kwargs = {
         "device_requests": [docker.types.DeviceRequest(count=2, capabilities=[["compute", "utility"]])],
@@ -1514,7 +1538,7 @@ def test_readme_training_example_runs_from_a_copied_file(
     shutil.copy(ROOT / "docker_scheduler.py", tmp_path / "docker_scheduler.py")
     code = _doc_block("python", 1, "docs/training.md").replace('"training"', repr(session))
     (tmp_path / "train.py").write_text(code)
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     try:
         run = subprocess.run(
             [sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
@@ -1534,7 +1558,7 @@ def test_readme_cli_options_string_reaches_the_container(
     client: docker.DockerClient, image: str, tmp_path: Path
 ) -> None:
     words = _doc_command("ulimits=")
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     run = _torchx(*words[1:], cwd=tmp_path, env=env)
     handle = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     app_id = handle.rsplit("/", 1)[-1]
@@ -1634,6 +1658,7 @@ def test_close_never_raises_when_docker_went_away(make: Callable[..., Persistent
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 @pytest.mark.torchx
 def test_create_scheduler_passes_state_dir_and_detach(tmp_path: Path) -> None:
     scheduler = create_scheduler("f", state_dir=str(tmp_path / "s"), detach=False, unrelated=1)
@@ -1657,6 +1682,7 @@ def _anchors(doc: Path) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
+@pytest.mark.pure
 def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
     checked = 0
     for doc in DOCS:
@@ -1696,7 +1722,7 @@ def test_readme_python_blocks_run_each_on_its_own(
     code = _doc_block("python", index, doc).replace(f'"{session}"', repr(unique))
     shutil.copy(ROOT / "docker_scheduler.py", tmp_path / "docker_scheduler.py")
     (tmp_path / "test_block.py").write_text(code)
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     command = (
         ["-m", "pytest", "-q", "-p", "no:cacheprovider", "test_block.py"]
         if expected is None
@@ -1728,7 +1754,7 @@ def test_readme_quick_start_commands_run_back_to_back(
         )
     clone = copy_package(tmp_path / "clone", "test_docker_scheduler.py")
     script = f"set -e\ncd {shlex.quote(str(clone))}\n{_doc_block('sh', 1)}{_doc_block('sh', 2)}"
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     env["PYTEST_ADDOPTS"] = "--collect-only -q -p no:cacheprovider"
     env["TMPDIR"] = str(tmp_path)  # where the command's `mktemp -d` makes its empty workspace
     images = {i.id for i in client.images.list()}
@@ -1741,7 +1767,7 @@ def test_readme_quick_start_commands_run_back_to_back(
     finally:
         for handle in handles:
             app_id = handle.rsplit("/", 1)[-1]
-            for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+            for c in labelled(client, LABEL_APP_ID, app_id):
                 built = c.attrs["Image"]
                 c.remove(force=True)
                 if built not in images:  # the workspace image this run built, unless it was there before
@@ -1956,7 +1982,7 @@ def test_readme_plugin_module_registers_a_copied_file(tmp_path: Path) -> None:
     cli += ["--workspace", "", "-s", "local_docker_persistent", "utils.echo", "--msg", "hi"]
     purelib = sysconfig.get_paths()["purelib"]
     for pythonpath, works in ((f".{os.pathsep}{purelib}", True), (purelib, False)):
-        env = {**os.environ, "PYTHONPATH": pythonpath, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "s")}
+        env = state_env(tmp_path / "s", PYTHONPATH=pythonpath)
         done = subprocess.run(cli, env=env, capture_output=True, text=True, cwd=project)
         assert (done.returncode == 0) is works, done.stderr
         assert works or "invalid choice: 'local_docker_persistent'" in done.stderr
@@ -1969,7 +1995,7 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
     # A file of its own makes the workspace image this run builds its own, so removing it removes
     # no image a user built from the same content.
     (work / f"only-this-run-{uuid.uuid4().hex}").write_text("")
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     handles: list[str] = []
     try:
         run = _torchx(
@@ -2039,7 +2065,7 @@ def test_cli_run_status_log_list_cancel(client: docker.DockerClient, image: str,
         built = set()
         for handle in handles:
             app_id = handle.rsplit("/", 1)[-1]
-            for c in client.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+            for c in labelled(client, LABEL_APP_ID, app_id):
                 if c.attrs["Config"]["Image"].startswith("sha256:"):
                     built.add(c.attrs["Config"]["Image"])
                 c.remove(force=True)
@@ -2056,7 +2082,7 @@ def test_cli_log_and_status_of_a_mistyped_id_end_at_once_naming_it(
     """torchx 0.7's `torchx log` waits for as long as describe() says None; torchx main's ends with
     a warning and exit 0. Both end at once here, naming the id, the session and the state dir."""
     state = tmp_path / "state"
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(state)}
+    env = state_env(state)
     handle = "local_docker_persistent://torchx/echo-mistyped0000"
     for command in (["log", handle], ["log", f"{handle}/echo"], ["status", handle]):
         started = time.monotonic()
@@ -2074,7 +2100,7 @@ def test_cli_a_cfg_value_not_of_its_type_names_the_option(
 ) -> None:
     """torchx casts ``-cfg`` values itself and lets ``int('abc')`` out bare; the option is named instead,
     in torchx's own error, and nothing is created."""
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     run = _torchx(
         "run", "--workspace", "", "-s", "local_docker_persistent",
         "-cfg", "stop_timeout=abc,ulimits=nofile:8", "utils.echo", "--msg", "hi", cwd=tmp_path, env=env,
@@ -2088,7 +2114,7 @@ def test_cli_a_cfg_value_not_of_its_type_names_the_option(
 @pytest.mark.torchx
 def test_delete_an_app_the_cli_ran(client: docker.DockerClient, image: str, tmp_path: Path) -> None:
     """`torchx delete` on torchx main; on torchx 0.7, whose CLI has none, the factory's delete()."""
-    env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": str(tmp_path / "state")}
+    env = state_env(tmp_path / "state")
     run = _torchx(
         "run", "--workspace", "", "-s", "local_docker_persistent", "-cfg", "image_pull=missing",
         "utils.echo", "--image", "busybox", "--msg", "bye", cwd=tmp_path, env=env,
@@ -2172,6 +2198,7 @@ def _doc_command(*words: str) -> list[str]:
     return shlex.split(next(x for x in lines if x.startswith("torchx run ") and all(w in x for w in words)))
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("scheduler", ["kubernetes", "slurm"])
 @pytest.mark.torchx
 def test_the_readme_appdef_dry_runs_on_cluster_schedulers(scheduler: str) -> None:
@@ -2218,7 +2245,7 @@ def start_writer(session: str, count: int, state_dir: str) -> subprocess.Popen[s
     return subprocess.Popen(
         [sys.executable, "-c", WRITER, session, str(count)],
         cwd=ROOT,
-        env={**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir},
+        env=state_env(state_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -2289,6 +2316,7 @@ RECORD_DAMAGES: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("bad", [*sorted(CORRUPTIONS), *RECORD_DAMAGES])
 def test_a_corrupt_session_file_or_record_is_moved_aside_and_the_session_rebuilt(
     bad: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -2416,8 +2444,8 @@ def test_a_symlink_where_the_state_dir_keeps_its_own_file_is_refused(
     assert sorted(p.name for p in victim.iterdir()) == [done, "target.pickle"]  # no lock file made there
     assert container_names(client, done) == [f"{done}-r-0"]
     if what == "lock":  # nothing started either
-        labelled = client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
-        assert sorted(c.name for c in labelled) == sorted([f"{done}-r-0", f"{ended}-r-0"])
+        found = labelled(client, LABEL_SESSION, session)
+        assert sorted(c.name for c in found) == sorted([f"{done}-r-0", f"{ended}-r-0"])
     if what == "logs":  # a harvest through it is refused too: the exit code is recorded, the logs wait
         desc = fresh.describe(ended)
         assert desc.state == AppState.SUCCEEDED and f"logs not recorded yet (refusing {link}" in desc.msg
@@ -2425,6 +2453,7 @@ def test_a_symlink_where_the_state_dir_keeps_its_own_file_is_refused(
         assert container_names(client, ended) == [f"{ended}-r-0"]
 
 
+@pytest.mark.pure
 def test_parents_others_could_change_are_refused_and_sticky_ones_allowed(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.skip("giving a directory to another owner needs root")
@@ -2769,7 +2798,7 @@ def test_an_app_belongs_to_the_engine_that_ran_it(
         )
         assert back == ["RUNNING", "CANCELLED"]
     finally:
-        for c in dockerd.containers.list(all=True, filters={"label": f"{LABEL_APP_ID}={app_id}"}):
+        for c in labelled(dockerd, LABEL_APP_ID, app_id):
             c.remove(force=True)
         dockerd.close()
 
@@ -3526,7 +3555,7 @@ def _crash_while_scheduling(scheduler: PersistentDockerScheduler, when: str) -> 
     return subprocess.Popen(
         [sys.executable, "-c", CRASHER, scheduler.session_name, when],
         cwd=ROOT,
-        env={**os.environ, "DOCKER_SCHEDULER_STATE_DIR": scheduler.state_dir},
+        env=state_env(scheduler.state_dir),
         text=True,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
