@@ -2276,24 +2276,63 @@ def test_concurrent_writers_lose_no_app(
     assert set(scheduled) <= {a.app_id for a in make(session=session).list()}
 
 
+# Schedules two apps, then pauses the third's session write at one step of the atomic replace, says
+# which, and waits there to be killed.
+KILLED_WRITER = """
+import os, sys, time
+import docker_scheduler as ds
+from torchx import specs
+session, seam = sys.argv[1], sys.argv[2]
+s = ds.PersistentDockerScheduler(session, detach=True)
+app = specs.AppDef("w", roles=[specs.Role("r", image="busybox:latest", entrypoint="true")])
+for _ in range(2):
+    print(s.submit(app, {"image_pull": "missing"}), flush=True)
+def pause(*_):
+    print(seam, flush=True)
+    time.sleep(600)
+real = ds._Dir.replace
+if seam == "written":  # the temporary file whole, not yet on disk for sure, not in place
+    ds.os.fsync = pause
+elif seam == "synced":  # on disk, not in place
+    ds._Dir.replace = pause
+else:  # in place, the lock still held, nothing started
+    ds._Dir.replace = lambda *args: (real(*args), pause())
+s.submit(app, {"image_pull": "missing"})
+"""
+
+
+@pytest.mark.parametrize("seam", ["written", "synced", "replaced"])
 def test_sigkill_while_scheduling_never_corrupts_the_file(
-    make: Callable[..., PersistentDockerScheduler], state_dir: str
+    seam: str, make: Callable[..., PersistentDockerScheduler], client: docker.DockerClient, state_dir: str
 ) -> None:
+    """A writer killed at each step of the session file's replace: the file always loads, holds every
+    app whose schedule() returned, and the third app only once its record was in place."""
     session = make().session_name
-    returned: list[str] = []
-    for schedules in range(1, 9):
-        proc = start_writer(session, 1000, state_dir)
-        assert proc.stdout is not None
-        # Killed once its n-th schedule returned: by then it is somewhere in the next one, which
-        # the pipe's latency and the daemon's pace place differently each round.
-        returned += [proc.stdout.readline().strip() for _ in range(schedules)]
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
-        returned += out.split()
-        assert all(returned), "the writer ended before it was killed"
-        assert set(returned) <= {a.app_id for a in make(session=session).list()}  # it loads, or raises
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, session, seam],
+        cwd=ROOT,
+        env=state_env(state_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    returned = [proc.stdout.readline().strip() for _ in range(2)]
+    assert proc.stdout.readline().strip() == seam, proc.communicate(timeout=60)
+    proc.kill()
+    proc.communicate(timeout=60)
+    temps = [p for p in Path(state_dir).iterdir() if p.name.endswith(".tmp")]
+    assert len(temps) == (0 if seam == "replaced" else 1)  # the killed write's, if it was not in place
+    fresh = make(session=session)
+    listed = {a.app_id: a.state for a in fresh.list()}
+    assert set(returned) <= set(listed) and len(listed) == (3 if seam == "replaced" else 2)
+    if seam == "replaced":  # recorded, then killed before its container was made: it never ran
+        (third,) = set(listed) - set(returned)
+        desc = fresh.describe(third)
+        assert desc.state == AppState.FAILED and "was never created" in desc.msg
+        assert labelled(client, LABEL_APP_ID, third) == []
     assert not [p for p in Path(state_dir).iterdir() if ".corrupt-" in p.name]
-    submit(make(session=session), role("r", "true"))  # the next write sweeps the killed writers' temp files
+    submit(fresh, role("r", "true"))  # the next write sweeps the killed writer's temporary file
     assert not [p for p in Path(state_dir).iterdir() if p.name.endswith(".tmp")]
 
 
