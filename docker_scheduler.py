@@ -1878,16 +1878,25 @@ def _write_streams(
 
 
 def _read_harvested(f: BinaryIO, low: bytes | None, high: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-    """A harvested file's stamps and lines within ``low`` and ``high`` (see :py:func:`_place`)."""
-    bounded = low is not None or high is not None
+    """A harvested file's stamps and lines within ``low`` and ``high`` (see :py:func:`_place`). The file
+    is in time order, so :py:func:`_place` runs only where it can matter: until a line stamped to the
+    fraction lies past ``low`` (every later one does too), and from ``high``'s second on (a line of an
+    earlier second is never after it)."""
+    second = _SECOND_SIZE
+    high_second = high[:second] if high is not None else b""
     with f:
         for raw in f:
             ts, _, text = raw.partition(b" ")
-            place = _place(ts, low, high) if bounded else 0
+            if low is None and (high is None or ts[:second] < high_second):
+                yield ts, text
+                continue
+            place = _place(ts, low, high)
             if place > 0:
-                break  # the file is in time order
+                return
             if place == 0:
                 yield ts, text
+                if ts[second:] != _WHOLE_SECOND:
+                    low = None
 
 
 # -- the log directory: harvesting and serving ----------------------------------
