@@ -356,7 +356,7 @@ def run_python(
 ) -> Any:
     """Runs ``code`` (with ``args`` as its sys.argv[1:]) in a new interpreter, with ``env`` over this
     one's (a None value unsets), and returns what it printed last, as JSON."""
-    environ = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": state_dir, **(env or {})}
+    environ = {**state_env(state_dir), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         cwd=ROOT,
