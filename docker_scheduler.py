@@ -193,9 +193,9 @@ _DryRun = Any
 
 
 class _RunOpts(runopts):
-    """Run options whose ``-cfg`` value that does not cast to its type (``stop_timeout=abc``) is kept as
-    given, so that torchx's type check names the option where its CLI reports errors; torchx's own
-    parsing lets ``int('abc')``'s ValueError out, naming nothing, before its CLI can."""
+    """Run options that keep a ``-cfg`` value as given when it does not cast to its option's type
+    (``stop_timeout=abc``), so that torchx's type check names the option where its CLI reports errors;
+    torchx's own parsing lets ``int('abc')``'s ValueError out, naming nothing, before its CLI can."""
 
     def cfg_from_str(self, cfg_str: str) -> dict[str, CfgVal]:
         try:
