@@ -24,7 +24,6 @@ import fcntl
 import functools
 import hashlib
 import heapq
-import importlib.util
 import io
 import itertools
 import json
@@ -33,8 +32,10 @@ import math
 import os
 import pickle
 import re
+import signal
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -78,6 +79,11 @@ from torchx.specs.api import (
     runopts,
 )
 from torchx.util.types import to_dict
+
+try:  # docker-py reaches ssh only with paramiko installed, through the ssh command too
+    from docker.transport.sshconn import SSHConnection, SSHConnectionPool, SSHHTTPAdapter, SSHSocket
+except ImportError:
+    SSHConnection = SSHConnectionPool = SSHHTTPAdapter = SSHSocket = object
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -1496,11 +1502,113 @@ def _network_lock(timeout: float = 10) -> Iterator[None]:
         yield
 
 
+# -- ssh: one connection for every request -------------------------------------
+# docker-py's ssh transport through the ssh command makes a new pool, so a new ssh process and its
+# handshake, for every request (docker/docker-py#2966, open in docker-py 7.2). Here one pool serves a
+# client and keeps its ssh processes for the next request, and all of them share one master connection
+# (OpenSSH's ControlMaster), so the user's ssh config, keys and agent apply as for the Docker CLI. The
+# master's socket is in a private temporary directory (a socket's path holds about 100 bytes, fewer than
+# many state directories); the master lives while a pooled ssh does, ``_SSH_PERSIST`` seconds longer
+# after a crash, and is ended when the client closes or the interpreter exits.
+
+#: Seconds an ssh master outlives its last ssh process when its scheduler's process ended unclosed.
+_SSH_PERSIST = 30
+
+
+class _SharedSSHSocket(SSHSocket):  # type: ignore[misc]
+    """docker-py's ``ssh ... docker system dial-stdio`` process, sharing the master at ``control``."""
+
+    def __init__(self, host: str, control: str) -> None:
+        super().__init__(host)
+        self.control = control
+
+    def connect(self, **kwargs: Any) -> None:
+        # docker-py's connect, with connection sharing added
+        share = ["ControlMaster=auto", f"ControlPath={self.control}", f"ControlPersist={_SSH_PERSIST}"]
+        args = ["ssh", *(arg for option in share for arg in ("-o", option))]
+        args += [*(["-l", self.user] if self.user else []), *(["-p", self.port] if self.port else [])]
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "SSL_CERT_FILE")}
+        self.proc = subprocess.Popen(
+            [*args, "--", self.host, "docker system dial-stdio"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as docker-py: ^C is Python's
+        )
+
+    def makefile(self, mode: str) -> Any:
+        # http.client closes the file at a response's end: a copy of the pipe's fd keeps the pipe for the next
+        f = os.fdopen(os.dup(super().makefile(mode).fileno()), "rb")
+        f.channel = self  # type: ignore[attr-defined]  # as docker-py's
+        return f
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # its ssh has ended already
+            super().close()
+
+
+class _SharedSSHConnection(SSHConnection):  # type: ignore[misc]
+    control = ""
+
+    def connect(self) -> None:
+        self.sock = _SharedSSHSocket(self.ssh_host, self.control)
+        self.sock.connect()
+
+
+class _SharedSSHPool(SSHConnectionPool):  # type: ignore[misc]
+    """The one pool of a client's requests; a connection whose ssh ended (the link dropped) is replaced."""
+
+    control = ""
+
+    def _new_conn(self) -> Any:
+        conn = _SharedSSHConnection(None, self.timeout, self.ssh_host)
+        conn.control = self.control
+        return conn
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn, dropped = super()._get_conn(timeout), False
+        while conn.sock is not None and conn.sock.proc.poll() is not None:
+            conn.close()
+            conn, dropped = super()._get_conn(timeout), True
+        if dropped:
+            log.info("the ssh connection to %s was lost: connecting again", self.ssh_host)
+        return conn
+
+
+class _SharedSSHAdapter(SSHHTTPAdapter):  # type: ignore[misc]
+    """docker-py's ssh-command adapter with one pool, whose ssh processes share one master."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(base_url, shell_out=True)
+        self._pool = _SharedSSHPool(timeout=self.timeout, maxsize=self.max_pool_size, host=self.ssh_host)
+        self._pool.control = os.path.join(tempfile.mkdtemp(prefix="docker-scheduler-ssh-"), "master")
+        host = urllib.parse.urlparse(base_url).hostname or ""
+        self._end = weakref.finalize(self, _end_ssh_master, host, self._pool.control)
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return self._pool
+
+    def close(self) -> None:
+        super().close()
+        self._pool.close()
+        self._end()
+
+
+def _end_ssh_master(host: str, control: str) -> None:
+    """Ends the ssh master at ``control``, if one runs, and removes its directory."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        end = ["ssh", "-o", f"ControlPath={control}", "-O", "exit", "--", host]
+        subprocess.run(end, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(control))
+
+
 class _Docker:
     """The Docker engine, one method an endpoint; connection failures are DockerUnavailableError."""
 
     def __init__(self) -> None:
         self._client: DockerClient | None = None
+        self._connecting = threading.Lock()
 
     @functools.cached_property
     def endpoint(self) -> _Endpoint:
@@ -1509,32 +1617,35 @@ class _Docker:
 
     @property
     def client(self) -> DockerClient:
-        if self._client is None:
-            endpoint = self.endpoint
-            if endpoint.url.startswith("ssh://") and importlib.util.find_spec("paramiko") is None:
-                raise DockerUnavailableError(
-                    f"{endpoint} is an ssh endpoint, and docker-py reaches those only with paramiko "
-                    "installed: pip install 'docker[ssh]'"
-                )
-            # ssh:// through the ssh command, as the Docker CLI does: the user's ssh config and agent apply.
-            try:
-                self._client = self._connect(endpoint)
-            except (DockerException, requests.exceptions.RequestException) as e:
-                raise _unavailable(endpoint, e) from e
+        with self._connecting:  # schedule() asks from two threads at once: one client for both
+            if self._client is None:
+                try:
+                    self._client = self._connect(self.endpoint)
+                except (DockerException, requests.exceptions.RequestException) as e:
+                    raise _unavailable(self.endpoint, e) from e
         return self._client
 
     @staticmethod
     def _connect(endpoint: _Endpoint) -> DockerClient:
+        if endpoint.url.startswith("ssh://") and SSHSocket is object:
+            raise DockerUnavailableError(
+                f"{endpoint} is an ssh endpoint, and docker-py reaches those only with paramiko "
+                "installed: pip install 'docker[ssh]'"
+            )
+        # ssh:// through the ssh command, as the Docker CLI does. The API version is asked for last,
+        # once the transport is in place (see _SharedSSHAdapter).
+        version = docker.constants.MINIMUM_DOCKER_API_VERSION
         if not endpoint.context:
-            return docker.from_env(use_ssh_client=True)
-        if endpoint.tls is None:  # docker-py before 7.2 ignores contexts: name the host it gives
-            return docker.DockerClient(base_url=endpoint.url, use_ssh_client=True)
-        # requests lets REQUESTS_CA_BUNDLE override a context's CA and its verify=False (psf/requests#3829),
-        # which the CLI never reads: made without the environment, then told the engine's API version.
-        client = docker.DockerClient(
-            endpoint.url, tls=endpoint.tls, version=docker.constants.MINIMUM_DOCKER_API_VERSION
-        )
-        client.api.trust_env = False
+            client = docker.from_env(use_ssh_client=True, version=version)
+        elif endpoint.tls is None:  # docker-py before 7.2 ignores contexts: name the host it gives
+            client = docker.DockerClient(base_url=endpoint.url, use_ssh_client=True, version=version)
+        else:
+            client = docker.DockerClient(endpoint.url, tls=endpoint.tls, version=version)
+            # requests lets REQUESTS_CA_BUNDLE override a context's CA and its verify=False
+            # (psf/requests#3829), which the CLI never reads.
+            client.api.trust_env = False
+        if client.api.base_url == "http+docker://ssh":
+            client.api.mount(client.api.base_url, _SharedSSHAdapter(endpoint.url))
         client.api._version = str(client.api.version(api_version=False)["ApiVersion"])
         return client
 

@@ -3067,7 +3067,8 @@ def ssh_engine(d: Path) -> Iterator[dict[str, str]]:
     made_run_dir = not os.path.exists("/run/sshd")  # sshd's privilege separation directory
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     server = subprocess.Popen(
-        [shutil.which("sshd") or "sshd", "-D", "-e", "-f", str(d / "sshd_config")], preexec_fn=default_signals
+        [shutil.which("sshd") or "sshd", "-D", "-E", str(d / "sshd.log"), "-f", str(d / "sshd_config")],
+        preexec_fn=default_signals,
     )
     # docker-py passes ssh a port of its own (22 unless the URL names one), so the URL names it.
     env = {"PATH": f"{d / 'bin'}:{os.environ['PATH']}", "DOCKER_HOST": f"ssh://root@ds-test:{port}"}
@@ -3139,6 +3140,68 @@ def test_the_whole_lifecycle_works_over_ssh(
     ]
     assert container_names(client, ended) == []
     assert recorded(scheduler)[running].engine_endpoint == sshd["DOCKER_HOST"]
+
+
+def ssh_processes_of(pid: int) -> list[int]:
+    """The live ``ssh`` children of process ``pid``."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                stat_ = Path(f"/proc/{child}/stat").read_text()
+                if stat_.split(" (")[1].startswith("ssh)") and stat_.rsplit(") ", 1)[1][0] != "Z":
+                    found.append(int(child))
+    return found
+
+
+def test_over_ssh_a_scheduler_makes_one_connection_and_one_more_once_it_drops(
+    make: Callable[..., PersistentDockerScheduler],
+    client: docker.DockerClient,
+    sshd: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Submit, describe, list and wait, here and in a second short-lived process, each ride one ssh
+    connection; after sshd drops it, the next describe connects again, says so once, and reads right.
+    Connections are counted in sshd's own log; close ends the master, and its directory goes."""
+    if is_podman(client):
+        pytest.skip("the sshd here reaches dockerd (`docker system dial-stdio`): the dockerd legs run it")
+    for key, value in sshd.items():
+        monkeypatch.setenv(key, value)
+    log_file, sshd_pid = tmp_path / "ssh" / "sshd.log", int((tmp_path / "ssh" / "sshd.pid").read_text())
+    accepted = lambda: log_file.read_text().count("Accepted publickey")  # noqa: E731
+    masters = lambda: set(Path(tempfile.gettempdir()).glob("docker-scheduler-ssh-*"))  # noqa: E731
+    before, dirs = accepted(), masters()
+    scheduler = make()
+    running = submit(scheduler, role("r", LONG, replicas=3))
+    ended = submit(scheduler, role("r", "sleep 0.5; exit 3", replicas=2))
+    assert scheduler.describe(running).state in (AppState.SUBMITTED, AppState.RUNNING)
+    assert {a.app_id for a in scheduler.list()} == {running, ended}
+    assert scheduler.wait(ended, timeout=60).state == AppState.FAILED
+    assert list(scheduler.log_iter(running, "r", 2)) == []
+    assert accepted() - before == 1
+    code = f"""
+        import json
+        from docker_scheduler import PersistentDockerScheduler
+        s = PersistentDockerScheduler({scheduler.session_name!r})
+        print(json.dumps([s.describe({running!r}).state.name, len(s.list())]))
+        """
+    assert run_python(code, scheduler.state_dir) == ["RUNNING", 2]
+    assert accepted() - before == 2
+    for child in Path(f"/proc/{sshd_pid}/task/{sshd_pid}/children").read_text().split():
+        os.kill(int(child), signal.SIGKILL)  # sshd's side of every connection: they drop
+    wait_until(lambda: not ssh_processes_of(os.getpid()), "the dropped connection's ssh processes to end")
+    with caplog.at_level(logging.INFO, logger="docker_scheduler"):
+        assert scheduler.describe(running).state == AppState.RUNNING
+        scheduler.cancel(running)
+    assert scheduler.describe(running).state == AppState.CANCELLED
+    assert [r.getMessage() for r in caplog.records if "ssh" in r.getMessage()] == [
+        f"the ssh connection to {sshd['DOCKER_HOST'].removeprefix('ssh://')} was lost: connecting again"
+    ]
+    assert accepted() - before == 3
+    scheduler.close()
+    assert masters() == dirs and not ssh_processes_of(os.getpid())
 
 
 def has_nvidia_runtime(client: docker.DockerClient) -> bool:

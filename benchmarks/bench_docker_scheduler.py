@@ -301,33 +301,106 @@ class Bench:
             self.remove([app_id])
         return row
 
-    def first_describe_ssh(self, lines: int = 300_000) -> Row:
-        """The first describe() over ssh (a fresh process with DOCKER_HOST=ssh://...) after a replica
-        exits, against `docker -H ssh://... logs -t`, both through a real sshd on 127.0.0.1."""
-        row = Row(
-            f"first describe() over ssh after a {lines:,}-line replica exits",
-            "s",
-            "(none)",
-            baseline="`docker -H ssh://... logs -t`",
-        )
+    def ssh(self) -> list[Row]:
+        """Over ssh, through a real sshd on 127.0.0.1, beside the Docker CLI doing the same through it:
+        a fresh process's first describe() after a 300,000-line replica exits, its first describe() of
+        a running app and first list() of 100 apps, submit-and-wait of `true`, and a long-lived
+        scheduler's describe() of a running app; with the ssh connections each made, from sshd's log."""
         with (
             tempfile.TemporaryDirectory(prefix="docker-scheduler-bench-ssh-") as d,
             ssh_engine(Path(d)) as ssh,
         ):
-            env = {**os.environ, **ssh}
+            env, log = {**os.environ, **ssh}, Path(d) / "sshd.log"
+            meter = SSHMeter(log, env, self.runs)
             make = "from docker_scheduler import PersistentDockerScheduler as S\n"
             make += f"s = S({self.session!r}, state_dir={self.state_dir!r}, detach=True)"
+
+            def fresh(statement: str) -> Callable[[], float]:
+                return lambda: timed_in_fresh_process(make, statement, env) / 1e3
+
+            rows = [self.ssh_first_describe(meter, fresh)]
+            running = self.submit("ours", LONG, replicas=4)
+            wait_until(lambda: self.running(running, 4))
+            ps_app = ["docker", "ps", "-a", "--filter", f"label={LABEL_APP_ID}={running}"]
+            rows.append(
+                meter.row(
+                    "fresh process over ssh, first describe() of a running 4-replica app",
+                    "`docker -H ssh://... ps -a --filter label=<app>`",
+                    ps_app,
+                    fresh(f"assert s.describe({running!r}).state.name == 'RUNNING'"),
+                )
+            )
+            rows.append(self.ssh_long_lived(meter, running, ps_app))
+            self.remove([running])
+            apps = [self.submit("ours", "true") for _ in range(100)]
+            wait_until(lambda: all(self.exited(a) for a in apps), timeout=300)
+            self.ours.list()  # records the 100 exit codes once
+            rows.append(
+                meter.row(
+                    "fresh process over ssh, first list() of 100 finished apps",
+                    "`docker -H ssh://... ps -a --filter label=<session>`",
+                    [
+                        "docker",
+                        "ps",
+                        "-a",
+                        "--filter",
+                        f"label={docker_scheduler.LABEL_SESSION}={self.session}",
+                    ],
+                    fresh("assert len(s.list()) >= 100"),
+                )
+            )
+            self.remove(apps)
+            submit = "from torchx import specs\n"
+            submit += f"r = specs.Role('r', image={self.image!r}, entrypoint='true')\n"
+            submit += "a = s.submit(specs.AppDef('bench', roles=[r]), {})\n"
+            submit += "assert s.wait(a, timeout=120).state.name == 'SUCCEEDED'"
+            rows.append(
+                meter.row(
+                    "fresh process over ssh, submit and wait until a `true` app ends",
+                    "`docker -H ssh://... run --rm busybox true`",
+                    ["docker", "run", "--rm", self.image, "true"],
+                    fresh(submit),
+                )
+            )
+        return rows
+
+    def ssh_first_describe(self, meter: SSHMeter, fresh: Callable[[str], Callable[[], float]]) -> Row:
+        row = Row(
+            "fresh process over ssh, first describe() after a 300,000-line replica exits",
+            "ms",
+            ">= 0.9x",
+            baseline="`docker -H ssh://... logs -t`",
+        )
+        for _ in range(self.runs):
+            app_id = self.submit("ours", f"seq 1 300000 | sed 's/$/ {PADDING}/'")
+            wait_until(lambda app_id=app_id: self.exited(app_id), timeout=600)
+            meter.measure(
+                row, ["docker", "logs", "--timestamps", f"{app_id}-r-0"], fresh(f"s.describe({app_id!r})")
+            )
+            assert "logs not recorded" not in str(self.ours.describe(app_id))
+            self.remove([app_id])
+        return meter.noted(row)
+
+    def ssh_long_lived(self, meter: SSHMeter, app_id: str, ps_app: list[str]) -> Row:
+        """describe() of a running app by a scheduler that stays, over ssh, per call."""
+        saved = dict(os.environ)
+        os.environ.update(meter.env)  # its ssh processes start, and find the engine, with the ssh environment
+        try:
+            remote = PersistentDockerScheduler(self.session, state_dir=self.state_dir, detach=True)
+            remote.describe(app_id)  # connects
+            row = Row(
+                "long-lived scheduler over ssh, describe() of a running 4-replica app",
+                "ms",
+                "(none)",
+                baseline="`docker -H ssh://... ps -a --filter label=<app>`",
+            )
             for _ in range(self.runs):
-                app_id = self.submit("ours", f"seq 1 {lines} | sed 's/$/ {PADDING}/'")
-                wait_until(lambda app_id=app_id: self.exited(app_id), timeout=600)
-                start = time.perf_counter()
-                logs = ["docker", "logs", "--timestamps", f"{app_id}-r-0"]
-                subprocess.run(logs, env=env, stdout=subprocess.DEVNULL, check=True)
-                row.torchx.append(time.perf_counter() - start)
-                statement = f"d = s.describe({app_id!r}); assert 'logs not recorded' not in d.msg, d.msg"
-                row.ours.append(timed_in_fresh_process(make, statement, env) / 1e3)
-                self.remove([app_id])
-        return row
+                meter.measure(row, ps_app, lambda: per_call(lambda: remote.describe(app_id), 20), calls=20)
+            remote.close()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return meter.noted(row)
 
     def harvest_rss_1gb(self) -> Row:
         """Peak RSS of a fresh process whose first describe() harvests a 1 GB log."""
@@ -476,6 +549,40 @@ class Bench:
         return rows
 
 
+class SSHMeter:
+    """Times a Docker CLI command and a call of ours, alternating, over one sshd, and counts the ssh
+    connections each made in sshd's log."""
+
+    def __init__(self, log: Path, env: dict[str, str], runs: int) -> None:
+        self.log, self.env, self.runs = log, env, runs
+        self.connections: dict[str, list[float]] = {"cli": [], "ours": []}
+
+    def accepted(self) -> int:
+        return self.log.read_text().count("Accepted publickey")
+
+    def measure(self, row: Row, command: list[str], ours: Callable[[], float], calls: int = 1) -> None:
+        before = self.accepted()
+        start = time.perf_counter()
+        subprocess.run(command, env=self.env, stdout=subprocess.DEVNULL, check=True)
+        row.torchx.append((time.perf_counter() - start) * 1e3)
+        middle = self.accepted()
+        row.ours.append(ours() * 1e3)
+        self.connections["cli"].append(middle - before)
+        self.connections["ours"].append((self.accepted() - middle) / calls)
+
+    def row(self, case: str, baseline: str, command: list[str], ours: Callable[[], float]) -> Row:
+        row = Row(case, "ms", "(none)", baseline=baseline)
+        for _ in range(self.runs):
+            self.measure(row, command, ours)
+        return self.noted(row)
+
+    def noted(self, row: Row) -> Row:
+        cli, ours = (max(self.connections[k], default=0) for k in ("cli", "ours"))
+        row.note = f"ssh connections a call, at most: the CLI {cli:g}, ours {ours:g}"
+        self.connections = {"cli": [], "ours": []}
+        return row
+
+
 def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) -> None:
     """Fills the session with copies of ``real``'s record (each with its own strings) up to ``count`` apps."""
     have = len(scheduler._store.summaries())
@@ -553,7 +660,7 @@ def main() -> None:
         "first_describe_8x100k": lambda: bench.first_describe(
             8, 100_000, "first describe() after 8 replicas x 100,000 lines exit together", ">= 1.5x"
         ),
-        "first_describe_ssh": bench.first_describe_ssh,
+        "ssh": bench.ssh,
         "harvest_rss_1gb": bench.harvest_rss_1gb,
         "cli_echo": bench.cli_echo,
         "fresh_process": bench.fresh_process,
