@@ -440,7 +440,8 @@ class Bench:
         # since PYTHONDONTWRITEBYTECODE (set on some machines) would compile it again in every process.
         py_compile.compile(docker_scheduler.__file__, doraise=True)
         work = tempfile.mkdtemp(prefix="docker-scheduler-bench-cli-")
-        env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": self.state_dir}
+        # PYTHONPATH: the CLI imports this tree's module, not an installed one.
+        env = {**os.environ, "DOCKER_SCHEDULER_STATE_DIR": self.state_dir, "PYTHONPATH": str(ROOT)}
         exe = Path(sys.executable).with_name("torchx")
         names = {"torchx": "local_docker", "ours": "local_docker_persistent"}
 
