@@ -380,9 +380,6 @@ def _check_container_names(app: AppDef, app_id: str, names: Iterable[str]) -> No
 #: to record (retried; the container is kept), or gone with a container removed before they were read.
 LogStatus = Literal["in_container", "recorded", "retry", "lost"]
 
-#: Field changes for one replica (by container name), applied with ``dataclasses.replace``.
-_End = Mapping[str, Any]
-
 
 #: A record's fields that name the engine it belongs to: see :py:meth:`_Docker.engine`.
 class _Engine(typing.TypedDict):
@@ -403,42 +400,42 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-def _from_plain(cls: type[_T], data: Any) -> _T:
+def _from_dict(cls: type[_T], data: Any) -> _T:
     """A record of ``cls`` from its plain dict, each field checked against its annotation."""
     if not isinstance(data, dict):
         raise _CorruptSession(f"{cls.__name__} is {type(data).__name__}, not a dict")
     hints, values = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            values[f.name] = _checked(hints[f.name], data[f.name])
+            values[f.name] = _as_type(hints[f.name], data[f.name])
         elif f.default is dataclasses.MISSING:  # a field added later has a default; others must be there
             raise _CorruptSession(f"{cls.__name__} has no field {f.name!r}")
     return cls(**values)
 
 
-def _to_plain(value: Any) -> Any:
+def _to_dict(value: Any) -> Any:
     """A record as builtin types: its fields as a dict, but those at their defaults (read back so)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = ((f.name, getattr(value, f.name), f.default) for f in dataclasses.fields(value))
-        return {name: _to_plain(v) for name, v, default in fields if v is not default and v != default}
+        return {name: _to_dict(v) for name, v, default in fields if v is not default and v != default}
     if isinstance(value, tuple):
-        return tuple(_to_plain(v) for v in value)
+        return tuple(_to_dict(v) for v in value)
     return value
 
 
-def _checked(hint: Any, value: Any) -> Any:
+def _as_type(hint: Any, value: Any) -> Any:
     """``value`` if it is of type ``hint`` (lists become tuples, dicts nested records); else raises."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _from_plain(hint, value)  # type: ignore[arg-type]
+        return _from_dict(hint, value)  # type: ignore[arg-type]
     if origin is typing.Union or origin is types.UnionType:
-        return _checked(args[0], value) if value is not None else _checked(args[1], value)
+        return _as_type(args[0], value) if value is not None else _as_type(args[1], value)
     if origin is Literal and value in args:
         return value
     if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(_checked(args[0], v) for v in value)
+        return tuple(_as_type(args[0], v) for v in value)
     if origin is Mapping and isinstance(value, dict):
-        return {_checked(args[0], k): _checked(args[1], v) for k, v in value.items()}
+        return {_as_type(args[0], k): _as_type(args[1], v) for k, v in value.items()}
     if hint is Any or (origin is None and isinstance(value, hint) and not (hint is int and value is True)):
         return float(value) if hint is float else value
     if hint is float and isinstance(value, int):
@@ -482,7 +479,7 @@ class ContainerRequest:
 
     image: str
     command: tuple[str, ...]
-    #: the keyword arguments, builtin types only (see :py:func:`_plain`)
+    #: the keyword arguments, builtin types only (see :py:func:`_builtins_only`)
     kwargs: Mapping[str, Any]
 
 
@@ -501,7 +498,7 @@ class ReplicaRecord:
     #: what Docker said beside the exit code, e.g. "out of memory"
     exit_note: str = ""
     restarts: int = 0
-    #: set when the exit code can never be read: why (e.g. the container vanished)
+    #: why the exit code can never be read (one of the ``_GONE_*`` reasons); empty while it can be
     vanished: str = ""
     #: when the end was seen, in epoch seconds (Docker's finish time where it has one)
     ended: float | None = None
@@ -522,6 +519,44 @@ class ReplicaRecord:
     def logs_pending(self) -> bool:
         """Whether it ended but its logs could not be recorded yet (they are retried)."""
         return self.final and self.logs == "retry"
+
+
+# Why a replica's exit code can never be read (:py:attr:`ReplicaRecord.vanished`).
+_GONE_BEFORE_READ = "vanished before its exit code could be read"
+_GONE_NEVER_CREATED = "was never created: the process starting the app ended first"
+_GONE_START_FAILED = "was removed: the app could not start"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Change:
+    """What was learnt of one replica, to set on its record; a field left None stays as it was."""
+
+    exit_code: int | None = None
+    exit_note: str | None = None
+    restarts: int | None = None
+    vanished: str | None = None
+    ended: float | None = None
+    logs: LogStatus | None = None
+    log_error: str | None = None
+
+    @classmethod
+    def gone(cls, why: str, now: float) -> _Change:
+        """The container is gone: its exit code and its logs with it."""
+        return cls(vanished=why, ended=now, logs="lost")
+
+    @classmethod
+    def of_logs(cls, status: LogStatus, error: str = "") -> _Change:
+        return cls(logs=status, log_error=error)
+
+    def __or__(self, later: _Change) -> _Change:
+        """This change with ``later``'s fields over it."""
+        return dataclasses.replace(self, **later._set())
+
+    def applied(self, rep: ReplicaRecord) -> ReplicaRecord:
+        return dataclasses.replace(rep, **self._set())
+
+    def _set(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,16 +597,16 @@ class AppRecord:
         """When the last replica's end was seen (its creation while none was)."""
         return max((rep.ended or self.created for rep in self.replicas), default=self.created)
 
-    def with_ends(self, ends: Mapping[str, _End]) -> AppRecord:
-        """This record with what was learnt of ended replicas (by container name), no longer starting;
-        a replica already final takes only a second try at its logs."""
+    def with_changes(self, changes: Mapping[str, _Change]) -> AppRecord:
+        """This record with what was learnt of its replicas (by container name); a replica whose end
+        is recorded already (by another process, meanwhile) takes only a second try at its logs."""
         replicas = tuple(
-            dataclasses.replace(rep, **ends[rep.name])
-            if rep.name in ends and (not rep.final or rep.logs_pending)
+            changes[rep.name].applied(rep)
+            if rep.name in changes and (not rep.final or rep.logs_pending)
             else rep
             for rep in self.replicas
         )
-        return dataclasses.replace(self, replicas=replicas, starting=False)
+        return dataclasses.replace(self, replicas=replicas)
 
     def with_cancel(self) -> AppRecord:
         """This record once a cancel was asked for: CANCELLED, unless it failed already (it stays FAILED)."""
@@ -591,12 +626,12 @@ _DOCKER_TYPES: dict[str, type[dict[str, Any]]] = {
 }
 
 
-def _plain(value: Any) -> Any:
+def _builtins_only(value: Any) -> Any:
     """``value`` with builtin types only, as the restricted unpickler reads them."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _builtins_only(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_builtins_only(v) for v in value]
     if value is None or isinstance(value, (str, int, float, bool, bytes)):
         return value
     return str(value)
@@ -627,7 +662,7 @@ def _record_from_job(
     replicas = []
     for c in job.containers:
         labels: dict[str, str] = c.kwargs["labels"]  # type: ignore[assignment]
-        request = ContainerRequest(c.image, tuple(str(a) for a in c.command), _plain(c.kwargs))
+        request = ContainerRequest(c.image, tuple(str(a) for a in c.command), _builtins_only(c.kwargs))
         role, replica_id = labels[LABEL_ROLE_NAME], int(labels[LABEL_REPLICA_ID])
         replicas.append(ReplicaRecord(role, replica_id, str(c.kwargs["name"]), request))
     if app is not None:
@@ -825,12 +860,12 @@ def _start_failure(container: DockerContainer, error: BaseException) -> str:
 
 def _start_failed(record: AppRecord, reason: str) -> AppRecord:
     """The record of an app whose containers could not all start, and were removed."""
-    gone = {"vanished": "was removed: the app could not start", "ended": time.time(), "logs": "lost"}
-    ended = record.with_ends({rep.name: gone for rep in record.replicas})
-    return dataclasses.replace(ended, start_error=reason)
+    gone = _Change.gone(_GONE_START_FAILED, time.time())
+    ended = record.with_changes({rep.name: gone for rep in record.replicas})
+    return dataclasses.replace(ended, start_error=reason, starting=False)
 
 
-def _removable(record: AppRecord, among: Iterable[str] | None = None) -> builtins.list[str]:
+def _done_with(record: AppRecord, among: Iterable[str] | None = None) -> builtins.list[str]:
     """Containers with nothing left to read (end recorded, logs recorded or lost), maybe ``among`` some."""
     names = None if among is None else set(among)
     done = (rep for rep in record.replicas if rep.final and not rep.logs_pending)
@@ -1029,7 +1064,9 @@ class _Dir(contextlib.AbstractContextManager["_Dir"]):
 
     def temp_file(self, prefix: str) -> tuple[int, str]:
         """A new temporary file, open for writing and locked while its writer lives (what :py:meth:`sweep`
-        tests; a sweeper that took it first unlinks it, which the writer sees and starts over)."""
+        tests; a sweeper that took it first unlinks it, which the writer sees and starts over). Those of
+        writers that died are swept first: every writer cleans up after the killed ones."""
+        self.sweep()
         for _ in range(_TRIES):
             name = f".{prefix}.{os.urandom(8).hex()}.tmp"
             fd = self.create(name)
@@ -1197,13 +1234,13 @@ _Entry = tuple[float, "str | None", bytes]
 
 def _encode(record: AppRecord) -> _Entry:
     final = None if record.asks_docker else _record_state(record, {}).name  # nothing can change it
-    return (record.created, final, pickle.dumps(_to_plain(record), protocol=pickle.HIGHEST_PROTOCOL))
+    return (record.created, final, pickle.dumps(_to_dict(record), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _decode(app_id: str, blob: bytes) -> AppRecord:
     plain = _unpickled(io.BytesIO(blob), f"record for {app_id!r}")
     try:
-        record = _from_plain(AppRecord, plain)
+        record = _from_dict(AppRecord, plain)
     except (_CorruptSession, TypeError, ValueError) as e:
         raise _CorruptSession(f"record for {app_id!r}: {e}") from e
     if record.app_id != app_id:
@@ -1211,7 +1248,7 @@ def _decode(app_id: str, blob: bytes) -> AppRecord:
     return record
 
 
-def _checked_entry(app_id: Any, entry: Any) -> _Entry:
+def _valid_entry(app_id: Any, entry: Any) -> _Entry:
     """``entry`` if it has an entry's shape. Checked when used, so that a read decodes what it asks."""
     try:  # not contextlib.suppress: this runs for every app a list() reads
         created, state, blob = entry
@@ -1261,12 +1298,12 @@ class _SessionStore:
     def get(self, app_id: str) -> AppRecord | None:
         """The app's record as of the last write by any process, or None; decoded on first use."""
         self._refresh()
-        return self._recovering(lambda: self._decoded(app_id) if app_id in self._entries else None)
+        return self._read_or_recover(lambda: self._decoded(app_id) if app_id in self._entries else None)
 
     def summaries(self) -> builtins.list[tuple[str, str | None]]:
         """Each app's id and its final state's name (None while it can change), oldest first."""
         self._refresh()
-        entries = self._recovering(lambda: [(a, _checked_entry(a, e)) for a, e in self._entries.items()])
+        entries = self._read_or_recover(lambda: [(a, _valid_entry(a, e)) for a, e in self._entries.items()])
         return [(app_id, state) for app_id, (_, state, _) in sorted(entries, key=lambda item: item[1][0])]
 
     @contextlib.contextmanager
@@ -1280,7 +1317,7 @@ class _SessionStore:
             if changes:
                 self._write(changes)
 
-    def _recovering(self, read: Callable[[], _T]) -> _T:
+    def _read_or_recover(self, read: Callable[[], _T]) -> _T:
         """``read()``; when it finds the file corrupt, read again once :py:meth:`_recover` ran."""
         try:
             return read()
@@ -1290,7 +1327,7 @@ class _SessionStore:
 
     def _decoded(self, app_id: str) -> AppRecord:
         if app_id not in self._records:
-            self._records[app_id] = _decode(app_id, _checked_entry(app_id, self._entries[app_id])[2])
+            self._records[app_id] = _decode(app_id, _valid_entry(app_id, self._entries[app_id])[2])
         return self._records[app_id]
 
     def _refresh(self) -> None:
@@ -1345,7 +1382,6 @@ class _SessionStore:
             else:
                 entries[app_id], records[app_id] = _encode(record), record
         data = {"format": FORMAT_VERSION, "session": self._session_name, "apps": entries}
-        self._dir.sweep()
         with self._dir.written(self._name) as f:
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
         st = os.stat(self._name, dir_fd=self._dir.fd, follow_symlinks=False)
@@ -1460,10 +1496,10 @@ def _fan_out(fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
 
 
 @contextlib.contextmanager
-def _closing(stream: Any) -> Iterator[None]:
-    """Closes a stream of Docker's events on the way out. docker-py 7's ``CancellableStream.close()``
-    takes the socket under the response apart, and raises where there is none (ssh through the ssh
-    command): closing the response itself then ends the stream."""
+def _closing_events(stream: Any) -> Iterator[None]:
+    """Closes a stream of Docker's events on the way out. docker-py's ``CancellableStream.close()``
+    (docker/types/daemon.py, 7.1 and 7.2) looks for a socket under the response and, under the ssh
+    command's pipe, finds none and raises: closing the response itself then ends the stream."""
     try:
         yield
     finally:
@@ -1473,8 +1509,9 @@ def _closing(stream: Any) -> Iterator[None]:
             stream._response.close()
 
 
-#: torchx's lock around making its network (``ensure_network``), in the temporary directory:
-#: taking the same one serializes the two.
+#: torchx's lock around making its network (``ensure_network``, torchx 0.7.0 and main), in the temporary
+#: directory: taking the same one serializes the two. torchx takes it with ``filelock``, which opens the
+#: file for writing, so another user's file stops torchx's own; ``_network_lock`` opens it read-only.
 _NETWORK_LOCK = "torchx_docker_network_lock"
 
 
@@ -1599,6 +1636,8 @@ def _end_ssh_master(host: str, control: str) -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         end = ["ssh", "-o", f"ControlPath={control}", "-O", "exit", "--", host]
         subprocess.run(end, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    with contextlib.suppress(OSError):  # the master may not have removed its socket yet
+        os.unlink(control)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(control))
 
@@ -1722,35 +1761,38 @@ class _Docker:
                 call(api, name)
             except NotFound:
                 pass
-            except docker.errors.APIError as e:  # another process removes it: as good as done
+            except docker.errors.APIError as e:  # another process removes it (409 since moby/moby#26074)
                 if e.status_code != 409 or "already in progress" not in str(e.explanation):
                     raise
 
         with self._reaching():
             _fan_out(one, names)
 
-    def await_change(
+    def await_end(
         self, labels: Mapping[str, str], since: int, timeout: float | None, seen: set[tuple[Any, ...]]
-    ) -> None:
-        """Returns after a labelled container died or went (dockerd's die and destroy, Podman's died and
-        remove: the only ways it can end) in an event not in ``seen`` (it is added), or after ``timeout``
-        seconds. Events since ``since`` (epoch seconds) are replayed, so none between a look and this
-        call is missed."""
+    ) -> str | None:
+        """The ID of a labelled container that died, or "" for one that went (dockerd's die and
+        destroy, Podman's died and remove: the only ways one ends), in an event not in ``seen`` (it is
+        added); None after ``timeout`` seconds. Events since ``since`` (epoch seconds) are replayed, so
+        none between a look and this call is missed."""
         until = None if timeout is None else f"{time.time() + timeout:.9f}"  # engines take a fraction
         wanted = {"type": ["container"], "label": [f"{key}={value}" for key, value in labels.items()]}
         with self._reaching():
             stream = self.client.api.events(since=since, until=until, filters=wanted, decode=True)
-        with _closing(stream), self._reaching():
+        with _closing_events(stream), self._reaching():
             for event in stream:
                 action = event.get("Action") or event.get("status")
                 key = (event.get("id"), event.get("timeNano"), action)
                 if action not in ("die", "died", "destroy", "remove") or key in seen:
                     continue
                 seen.add(key)
-                if action in ("die", "died"):  # told before the container's state says it ended
-                    with contextlib.suppress(NotFound, requests.exceptions.RequestException):
-                        self.client.api.wait(str(event.get("id")), timeout=timeout)
-                return
+                return str(event.get("id")) if action in ("die", "died") else ""
+        return None
+
+    def await_exited(self, container_id: str, timeout: float | None) -> None:
+        """Waits until a container that died says so in its state (the event comes first)."""
+        with contextlib.suppress(NotFound, requests.exceptions.RequestException):
+            self.client.api.wait(container_id, timeout=timeout)
 
     def prepare(self, images: Iterable[str], policy: str) -> None:
         """Makes every image available as ``policy`` says, and torchx's network."""
@@ -1885,8 +1927,8 @@ def _docker_time(dt: datetime | None) -> bytes | None:
 
 
 def _seconds(window: _Window) -> dict[str, int | None]:
-    """The logs request's ``since`` and ``until``: the whole seconds around ``window``, since some engines
-    stamp to the second and filter by the real time (the lines are kept here); 0 is no bound to Docker."""
+    """The logs request's ``since`` and ``until``: the whole seconds around ``window``, since Podman (4.3)
+    stamps to the second and filters by the real time (the lines are kept here); 0 is no bound to Docker."""
     start, end = (None if t is None else t.timestamp() for t in window)
     since = None if start is None else max(0, math.floor(start)) or None
     return {"since": since, "until": None if end is None else max(1, math.floor(end) + 1)}
@@ -1894,7 +1936,7 @@ def _seconds(window: _Window) -> dict[str, int | None]:
 
 def _place(stamp: bytes, low: bytes | None, high: bytes | None) -> int:
     """Where a line stamped ``stamp`` (dockerd's form) lies against ``low`` and ``high``: -1 before,
-    0 within, 1 after; the one window rule, live and harvested. A stamp on a whole second (Podman
+    0 within, 1 after; the one window rule, live and harvested. A stamp on a whole second (Podman 4.3
     stamps to the second) stands for that second: so it is compared."""
     size = _SECOND_SIZE if stamp[_SECOND_SIZE:] == _WHOLE_SECOND else _STAMP_SIZE
     if low is not None and stamp[:size] < low[:size]:
@@ -2043,17 +2085,17 @@ class _Logs:
     # -- the app's directory ---------------------------------------------------
 
     def app_dir(self, app_id: str) -> str:
-        return os.path.join(self.root, self._checked(app_id))
+        return os.path.join(self.root, self._dir_name(app_id))
 
     @staticmethod
-    def _checked(app_id: str) -> str:
+    def _dir_name(app_id: str) -> str:
         if not _CONTAINER_NAME.fullmatch(app_id):  # it names a directory: no separators, no '..'
             raise ValueError(f"app id {app_id!r} cannot name a log directory")
         return app_id
 
     def _app(self, app_id: str, create: bool = False) -> _Dir:
         with self._state.subdir(self._name, create) as root:
-            return root.subdir(self._checked(app_id), create)
+            return root.subdir(self._dir_name(app_id), create)
 
     @staticmethod
     def _file(rep: ReplicaRecord, stream: str) -> str:
@@ -2090,7 +2132,7 @@ class _Logs:
     def discard(self, app_id: str) -> None:
         """Removes the app's directory if it is empty, as a schedule that recorded nothing leaves it."""
         with contextlib.suppress(OSError), self._state.subdir(self._name) as root:
-            os.rmdir(self._checked(app_id), dir_fd=root.fd)
+            os.rmdir(self._dir_name(app_id), dir_fd=root.fd)
 
     def check(self, app_id: str) -> None:
         """Raises :py:class:`UnsafeStateError` if the app's log directory, or the one above, is a symlink."""
@@ -2101,7 +2143,7 @@ class _Logs:
         """Removes the app's harvested logs; a symlink where they should be is refused, not followed."""
         try:
             with self._state.subdir(self._name) as root:
-                root.remove_dir(self._checked(app_id))
+                root.remove_dir(self._dir_name(app_id))
         except FileNotFoundError:
             return
         except UnsafeStateError:
@@ -2111,26 +2153,25 @@ class _Logs:
 
     # -- harvesting ----------------------------------------------------------
 
-    def harvest(self, app_id: str, rep: ReplicaRecord) -> _End:
+    def harvest(self, app_id: str, rep: ReplicaRecord) -> _Change:
         """Streams an ended replica's stdout and stderr from Docker to its files; returns its new log
         status. A failure is logged (once for each cause) and returned, not raised."""
         try:
             response = self._docker.logs(rep.name, ("stdout", "stderr"), timestamps=True, follow=False)
             with contextlib.closing(response), self._app(app_id, create=True) as app:
-                self._state.sweep()  # the temporary files of killed writers
                 names = {_STDOUT: self._file(rep, "stdout"), _STDERR: self._file(rep, "stderr")}
                 _write_streams(_frames(response.iter_content(_READ_SIZE)), self._state, app, names)
         except NotFound:
             log.warning("container %s was removed before its logs were recorded; they are lost", rep.name)
-            return {"logs": "lost", "log_error": ""}
+            return _Change.of_logs("lost")
         except (DockerException, DockerUnavailableError, OSError, requests.exceptions.RequestException) as e:
             reason, fix = _harvest_failure(e, self.app_dir(app_id))
             # Said before the exit code is written: whether that worked, its own warning says.
             why = f"could not record the logs of container {rep.name} ({reason}): the container is kept until"
             again = "The next describe, list, log_iter or close tries again"
             _warn_once(self._warned, (rep.name, reason), f"{why} they are; {fix}. {again}")
-            return {"logs": "retry", "log_error": reason}
-        return {"logs": "recorded", "log_error": ""}
+            return _Change.of_logs("retry", reason)
+        return _Change.of_logs("recorded")
 
     # -- serving -------------------------------------------------------------
 
@@ -2160,7 +2201,7 @@ class _Logs:
             try:
                 return self._recorded(app_id, rep, streams, window)
             except FileNotFoundError:
-                return self._harvested_again(app_id, rep, streams, window)
+                return self._reharvest(app_id, rep, streams, window)
         log.warning("the logs of %s are lost: its container was removed before they were read", rep.name)
         return iter(())
 
@@ -2210,7 +2251,7 @@ class _Logs:
         merged = heapq.merge(*(_read_harvested(f, low, high) for f in files), key=lambda entry: entry[0])
         return (text for _, text in merged)
 
-    def _harvested_again(
+    def _reharvest(
         self, app_id: str, rep: ReplicaRecord, streams: Sequence[str], window: _Window
     ) -> Iterator[bytes]:
         """Logs whose harvested files were removed by hand: harvested again while the container is kept."""
@@ -2219,8 +2260,7 @@ class _Logs:
             log.warning("%s were removed, and so was its container: the logs are gone", files)
             return iter(())
         log.warning("%s were removed; reading them again from its container", files)
-        end = self.harvest(app_id, rep)
-        if end["logs"] != "recorded":  # could not write them: serve them from Docker
+        if self.harvest(app_id, rep).logs != "recorded":  # could not write them: serve them from Docker
             return self._live(rep.name, streams, window, False)
         return self._recorded(app_id, rep, streams, window)
 
@@ -2256,9 +2296,9 @@ class _Ownership:
     def containers(self, app_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """The session's containers in this state directory: all, or those of ``app_id``."""
         labels = self.labels if app_id is None else {**self.labels, LABEL_APP_ID: app_id}
-        return [c for c in self._docker.containers(labels) if self._named_well(c)]
+        return [c for c in self._docker.containers(labels) if self._labels_valid(c)]
 
-    def _named_well(self, container: Mapping[str, Any]) -> bool:
+    def _labels_valid(self, container: Mapping[str, Any]) -> bool:
         """Whether its labels name an app, role and replica as submitted ones are named; they become
         paths in the log directory. One that is not is ignored, with one warning."""
         labels = container["Labels"]
@@ -2307,8 +2347,8 @@ class _Plan:
     inspect: tuple[str, ...] = ()
     #: ended replicas whose logs could not be recorded before: harvest again
     retry: tuple[str, ...] = ()
-    #: ends known without asking Docker again
-    ends: Mapping[str, _End] = dataclasses.field(default_factory=dict)
+    #: what is known without asking Docker again
+    changes: Mapping[str, _Change] = dataclasses.field(default_factory=dict)
     #: the record changes even when no replica ended: it is no longer starting
     write: bool = False
 
@@ -2317,8 +2357,6 @@ class _Plan:
 _Start = Literal["under way", "started", "not started"]
 #: An app's containers as Docker listed them, and where its start stood before they were listed.
 _Listed = tuple[Sequence[Mapping[str, Any]], _Start]
-_NEVER_CREATED = "was never created: the process starting the app ended first"
-_VANISHED = "vanished before its exit code could be read"
 
 
 def _plan(record: AppRecord, listed: Mapping[str, Mapping[str, Any]], start: _Start, now: float) -> _Plan:
@@ -2329,27 +2367,27 @@ def _plan(record: AppRecord, listed: Mapping[str, Mapping[str, Any]], start: _St
     if record.starting and start == "under way":
         return _Plan(live={name: _container_state(c) for name, c in listed.items()})
     live: dict[str, AppState] = {}
-    ends: dict[str, _End] = {}
+    changes: dict[str, _Change] = {}
     inspect, retry = [], []
     for rep in record.replicas:
         container = listed.get(rep.name)
         if rep.logs_pending and container is None:
-            ends[rep.name] = {"logs": "lost", "log_error": ""}
+            changes[rep.name] = _Change.of_logs("lost")
         elif rep.logs_pending:
             retry.append(rep.name)
         elif rep.final:
             continue
         elif container is None:
-            why = _NEVER_CREATED if record.starting and start != "started" else _VANISHED
-            ends[rep.name] = {"vanished": why, "ended": now, "logs": "lost"}
+            why = _GONE_NEVER_CREATED if record.starting and start != "started" else _GONE_BEFORE_READ
+            changes[rep.name] = _Change.gone(why, now)
         elif container["State"] in _ENDED:
             inspect.append(rep.name)
         else:
             live[rep.name] = _container_state(container)
-    return _Plan(live, tuple(inspect), tuple(retry), ends, write=record.starting)
+    return _Plan(live, tuple(inspect), tuple(retry), changes, write=record.starting)
 
 
-def _exit_end(inspected: Mapping[str, Any]) -> dict[str, Any] | None:
+def _exit_change(inspected: Mapping[str, Any]) -> _Change | None:
     """The end ``docker inspect`` shows, or None when the container is going again (restarted)."""
     state = inspected["State"]
     if state.get("Status") not in _ENDED or state.get("Running") or state.get("Restarting"):
@@ -2357,12 +2395,12 @@ def _exit_end(inspected: Mapping[str, Any]) -> dict[str, Any] | None:
     notes = ["out of memory"] if state.get("OOMKilled") else []
     if state.get("Error"):
         notes.append(_scrubbed(str(state["Error"]), (inspected.get("Config") or {}).get("Env")))
-    return {
-        "exit_code": int(state["ExitCode"]),
-        "exit_note": "; ".join(notes),
-        "restarts": int(inspected.get("RestartCount") or 0),
-        "ended": _finished_at(state.get("FinishedAt")),
-    }
+    return _Change(
+        exit_code=int(state["ExitCode"]),
+        exit_note="; ".join(notes),
+        restarts=int(inspected.get("RestartCount") or 0),
+        ended=_finished_at(state.get("FinishedAt")),
+    )
 
 
 class _Reconciler:
@@ -2389,7 +2427,7 @@ class _Reconciler:
         """Where the record's start stands; read it before listing the containers (see :py:func:`_plan`)."""
         return self._logs.start(record.app_id) if record.starting else "started"
 
-    def reconciled(
+    def reconcile(
         self, record: AppRecord, listed: _Listed | None = None
     ) -> tuple[AppRecord, dict[str, AppState]]:
         """The record brought up to date with its containers (``listed``, with where its start stood
@@ -2404,65 +2442,68 @@ class _Reconciler:
                 start = self.start(record)
                 listed = self._ours.containers(record.app_id), start
             plan = _plan(record, {_container_name(c): c for c in listed[0]}, listed[1], time.time())
-            live, ends = self._carry_out(record, plan)
-            return (self._record_ends(record, ends) if ends or plan.write else record), live
+            live, changes = self._carry_out(record, plan)
+            if not (changes or plan.write):
+                return record, live
+            record, recorded = self._record(record, changes)
+        if recorded and record.remove_on_exit:  # only once the ends are on disk
+            self._docker.remove(_done_with(record, among=changes))
+        return record, live
 
-    def _carry_out(self, record: AppRecord, plan: _Plan) -> tuple[dict[str, AppState], dict[str, _End]]:
-        """Inspects and harvests what ``plan`` says, side by side: the live states and the ends."""
-        live, ends = dict(plan.live), dict(plan.ends)
+    def _carry_out(self, record: AppRecord, plan: _Plan) -> tuple[dict[str, AppState], dict[str, _Change]]:
+        """Inspects and harvests what ``plan`` says, side by side: the live states and the changes."""
+        live, changes = dict(plan.live), dict(plan.changes)
         reps = {rep.name: rep for rep in record.replicas}
-        for name in ends:
+        for name in changes:
             if reps[name].logs_pending:
                 log.warning("container %s was removed before its logs were recorded; they are lost", name)
         names = [*plan.inspect, *plan.retry]
         harvested = _fan_out(lambda name: self._harvest(record.app_id, reps[name], name in plan.retry), names)
-        for name, end in zip(names, harvested, strict=True):
-            if end is None:  # restarted since it was listed
+        for name, change in zip(names, harvested, strict=True):
+            if change is None:  # restarted since it was listed
                 live[name] = AppState.PENDING
             else:
-                ends[name] = end
-        return live, ends
+                changes[name] = change
+        return live, changes
 
-    def _harvest(self, app_id: str, rep: ReplicaRecord, logs_only: bool) -> _End | None:
+    def _harvest(self, app_id: str, rep: ReplicaRecord, logs_only: bool) -> _Change | None:
         """What an ended replica's container says of its end (unless ``logs_only``) and of its logs,
         once they are recorded; None when the container turns out to be going again."""
-        end: _End = {}
+        end = _Change()
         if not logs_only:
             inspected = self._docker.inspect(rep.name)
             if inspected is None:
-                return {"vanished": _VANISHED, "ended": time.time(), "logs": "lost"}
-            end = _exit_end(inspected) or {}
-            if not end:
+                return _Change.gone(_GONE_BEFORE_READ, time.time())
+            exited = _exit_change(inspected)
+            if exited is None:
                 return None
-        return {**end, **self._logs.harvest(app_id, rep)}
+            end = exited
+        return end | self._logs.harvest(app_id, rep)
 
-    def _record_ends(self, seen: AppRecord, ends: Mapping[str, _End]) -> AppRecord:
-        """Records what was learnt of ended replicas, then removes what ``remove_on_exit`` may; when
-        the write fails, answers from what was learnt, unrecorded, and removes nothing."""
+    def _record(self, seen: AppRecord, changes: Mapping[str, _Change]) -> tuple[AppRecord, bool]:
+        """The record with ``changes``, no longer starting, and whether it was written; when the write
+        fails, the record as learnt, unwritten."""
         app_id = seen.app_id
         try:
             with self._store.update() as apps:
                 current = self._store.get(app_id)
                 if current is None:  # deleted meanwhile: the logs just harvested go too
                     self._logs.remove(app_id)
-                    return seen.with_ends(ends)
-                record = current.with_ends(ends)
-                apps[app_id] = record
+                    return seen.with_changes(changes), False
+                record = apps[app_id] = dataclasses.replace(current.with_changes(changes), starting=False)
         except OSError as e:
             why = f"could not record the end of app {app_id} in {os.path.dirname(self._store.path)} ({e}); "
             why += "its state comes from Docker until it can"
             _warn_once(self._warned, (app_id, str(e)), why)
-            return seen.with_ends(ends)
-        if record.remove_on_exit:
-            self._docker.remove(_removable(record, among=ends))
-        return record
+            return dataclasses.replace(seen.with_changes(changes), starting=False), False
+        return record, True
 
     def replica_now(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
         """``rep`` as recorded after looking at the app's containers again."""
         record = self._store.get(app_id)
         if record is None:
             return rep
-        record, _ = self.reconciled(record)
+        record, _ = self.reconcile(record)
         return next(r for r in record.replicas if r.name == rep.name)
 
 
@@ -2636,10 +2677,10 @@ class PersistentDockerScheduler(DockerScheduler):
             return _describe_record(adopted, states)
         live: dict[str, AppState] = {}
         if not record.settled:
-            record, live = self._reconciler.reconciled(record)
+            record, live = self._reconciler.reconcile(record)
         elif record.asks_docker:
             with contextlib.suppress(DockerUnavailableError):  # only its logs are missing: retry later
-                record, live = self._reconciler.reconciled(record)
+                record, live = self._reconciler.reconcile(record)
         return _describe_record(record, live)
 
     def _unknown(self, app_id: str) -> str:
@@ -2680,7 +2721,9 @@ class PersistentDockerScheduler(DockerScheduler):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
-            self._docker.await_change(labels, since, remaining, seen)
+            died = self._docker.await_end(labels, since, remaining, seen)
+            if died:
+                self._docker.await_exited(died, remaining)
             desc = self._described(app_id)
         return desc
 
@@ -2719,7 +2762,7 @@ class PersistentDockerScheduler(DockerScheduler):
         live: dict[str, AppState] = {}
         if listed is not None and record.asks_docker:
             with contextlib.suppress(OtherEngineError):  # as last recorded
-                record, live = self._reconciler.reconciled(record, listed)
+                record, live = self._reconciler.reconcile(record, listed)
         return _record_state(record, live).name
 
     def log_iter(
@@ -2789,7 +2832,7 @@ class PersistentDockerScheduler(DockerScheduler):
         stopping = f"app {app_id} ({', '.join(names)}): SIGTERM, then SIGKILL after {record.stop_timeout} s"
         log.info("cancel: stopping %s for any still running", stopping)
         self._docker.stop(names, record.stop_timeout)
-        self._reconciler.reconciled(record)
+        self._reconciler.reconcile(record)
 
     def delete(self, app_id: str) -> None:
         """Forgets ``app_id`` (``torchx delete`` on torchx main): stops what still runs, then removes
@@ -2826,7 +2869,7 @@ class PersistentDockerScheduler(DockerScheduler):
             record = self._store.get(app_id)
             if record is not None and not record.settled:
                 with contextlib.suppress(OtherEngineError):  # not this engine's to touch
-                    record, _ = self._reconciler.reconciled(record)
+                    record, _ = self._reconciler.reconcile(record)
             if record is not None and record.settled and record.ended_at < cutoff and self._delete(app_id):
                 pruned.append(app_id)
         return pruned
@@ -2851,11 +2894,11 @@ class PersistentDockerScheduler(DockerScheduler):
         if record is None:
             return
         if record.asks_docker:
-            record, _ = self._reconciler.reconciled(record)
+            record, _ = self._reconciler.reconcile(record)
         if not record.settled:
             self._cancel_existing(app_id)
             record = self._store.get(app_id) or record
-        done = _removable(record)
+        done = _done_with(record)
         kept = [r.name for r in record.replicas if r.name not in done]
         if kept:
             log.warning("close: keeping containers %s: their logs could not be recorded", kept)

@@ -62,6 +62,7 @@ from docker_scheduler import (
     create_scheduler,
 )
 
+Change = docker_scheduler._Change
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Tests that change this machine (add a user, mount a file system, start a daemon such as sshd, a
 # registry or Podman's service, write under /etc) run only where CI=true or this variable is 1.
@@ -446,27 +447,42 @@ def test_records_are_replaced_never_mutated_and_read_back_whole() -> None:
     record = _record(exit_code=3, exit_note="out of memory", ended=2.0, logs="recorded")
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.replicas[0].exit_code = 0  # type: ignore[misc]
-    plain = pickle.loads(pickle.dumps(docker_scheduler._to_plain(record)))
+    plain = pickle.loads(pickle.dumps(docker_scheduler._to_dict(record)))
     assert _builtin_only(plain)
-    assert docker_scheduler._from_plain(docker_scheduler.AppRecord, plain) == record
-    ended = record.with_ends({"app-r-0": {"exit_code": 0}})  # final already: only logs may be retried
+    assert docker_scheduler._from_dict(docker_scheduler.AppRecord, plain) == record
+    ended = record.with_changes({"app-r-0": Change(exit_code=0)})  # final already: only logs may be retried
     assert ended.replicas[0].exit_code == 3 and record.replicas[0].exit_code == 3
+    retried = dataclasses.replace(record, replicas=(dataclasses.replace(record.replicas[0], logs="retry"),))
+    recorded_now = retried.with_changes({"app-r-0": Change.of_logs("recorded")}).replicas[0]
+    assert (recorded_now.logs, recorded_now.exit_code, recorded_now.exit_note) == (
+        "recorded",
+        3,
+        "out of memory",
+    )
 
 
 @pytest.mark.pure
-def test_a_store_write_keeps_the_records_it_did_not_change(tmp_path: Path) -> None:
+def test_a_store_write_keeps_the_records_it_did_not_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write encodes only the records it changed; a reader decodes only the records it asks for."""
+    encoded: list[str] = []
+    decoded: list[str] = []
+    encode, decode = docker_scheduler._encode, docker_scheduler._decode
+    monkeypatch.setattr(docker_scheduler, "_encode", lambda r: encoded.append(r.app_id) or encode(r))
+    monkeypatch.setattr(docker_scheduler, "_decode", lambda a, blob: decoded.append(a) or decode(a, blob))
     store = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
     with store.update() as apps:
         apps["a"] = dataclasses.replace(_record(), app_id="a")
         apps["b"] = dataclasses.replace(_record(), app_id="b")
-    blob = store._entries["a"][2]
     with store.update() as apps:
-        apps["b"] = store.get("b").with_ends({"app-r-0": {"exit_code": 1, "logs": "recorded"}})
-    assert store._entries["a"][2] is blob  # not pickled again
+        apps["b"] = store.get("b").with_changes({"app-r-0": Change(exit_code=1, logs="recorded")})
+    assert encoded == ["a", "b", "b"]  # "a" was not encoded again
     fresh = docker_scheduler._SessionStore(docker_scheduler._open_private_dir(str(tmp_path)), "s", dict)
+    decoded.clear()
     assert [(app_id, state) for app_id, state in fresh.summaries()] == [("a", None), ("b", "FAILED")]
-    assert fresh._records == {}  # nothing decoded until asked
-    assert fresh.get("b").replicas[0].exit_code == 1 and set(fresh._records) == {"b"}
+    assert decoded == []  # nothing decoded until asked
+    assert fresh.get("b").replicas[0].exit_code == 1 and decoded == ["b"]
 
 
 @pytest.mark.pure
@@ -559,7 +575,7 @@ def _listed(state: str) -> dict[str, Any]:
     [
         ({}, {"app-r-0": _listed("running")}, {"live": {"app-r-0": AppState.RUNNING}}),
         ({}, {"app-r-0": _listed("exited")}, {"inspect": ("app-r-0",)}),
-        ({}, {}, {"ends": {"vanished": docker_scheduler._VANISHED, "logs": "lost"}}),
+        ({}, {}, {"changes": Change(vanished=docker_scheduler._GONE_BEFORE_READ, logs="lost")}),
         (
             {"exit_code": 1, "logs": "retry", "log_error": "full"},
             {"app-r-0": _listed("exited")},
@@ -568,7 +584,7 @@ def _listed(state: str) -> dict[str, Any]:
         (
             {"exit_code": 1, "logs": "retry", "log_error": "full"},
             {},
-            {"ends": {"logs": "lost", "log_error": ""}},
+            {"changes": Change.of_logs("lost")},
         ),
         ({"exit_code": 0, "logs": "recorded"}, {"app-r-0": _listed("exited")}, {}),
     ],
@@ -582,8 +598,8 @@ def test_plan_decides_from_the_record_and_the_listing(
     plan = docker_scheduler._plan(_record(**replica), listed, "started", now=5.0)
     assert plan.live == expected.get("live", {})
     assert (plan.inspect, plan.retry) == (expected.get("inspect", ()), expected.get("retry", ()))
-    ends = {name: {k: v for k, v in end.items() if k != "ended"} for name, end in plan.ends.items()}
-    assert ends == ({"app-r-0": expected["ends"]} if "ends" in expected else {})
+    changes = {name: dataclasses.replace(change, ended=None) for name, change in plan.changes.items()}
+    assert changes == ({"app-r-0": expected["changes"]} if "changes" in expected else {})
     assert not plan.write
 
 
@@ -592,11 +608,11 @@ def test_plan_leaves_a_starting_app_alone_until_its_start_is_over() -> None:
     starting = dataclasses.replace(_record(), starting=True)
     listed = {"app-r-0": _listed("created")}
     plan = docker_scheduler._plan(starting, listed, "under way", now=5.0)
-    assert plan.live == {"app-r-0": AppState.SUBMITTED} and not plan.ends and not plan.write
+    assert plan.live == {"app-r-0": AppState.SUBMITTED} and not plan.changes and not plan.write
     plan = docker_scheduler._plan(starting, {}, "not started", now=5.0)
-    assert plan.ends["app-r-0"]["vanished"] == docker_scheduler._NEVER_CREATED and plan.write
+    assert plan.changes["app-r-0"].vanished == docker_scheduler._GONE_NEVER_CREATED and plan.write
     plan = docker_scheduler._plan(starting, {}, "started", now=5.0)
-    assert plan.ends["app-r-0"]["vanished"] == docker_scheduler._VANISHED
+    assert plan.changes["app-r-0"].vanished == docker_scheduler._GONE_BEFORE_READ
 
 
 # ---------------------------------------------------------------------------
@@ -2365,7 +2381,7 @@ def test_a_corrupt_session_file_or_record_is_moved_aside_and_the_session_rebuilt
     if bad in CORRUPTIONS:
         data = CORRUPTIONS[bad]
     else:
-        data = _session_file("s", {good.app_id: RECORD_DAMAGES[bad](docker_scheduler._to_plain(good))})
+        data = _session_file("s", {good.app_id: RECORD_DAMAGES[bad](docker_scheduler._to_dict(good))})
     path = tmp_path / "s.pickle"
     path.write_bytes(data)
     path.chmod(0o600)
@@ -3306,7 +3322,9 @@ def test_a_container_whose_labels_no_app_could_have_is_ignored(
 ) -> None:
     scheduler = make()
     app_id = f"forged-{uuid.uuid4().hex[:10]}"
-    forged = {**scheduler._ours.labels, LABEL_APP_ID: app_id, **labels}
+    identity = (Path(scheduler.state_dir) / docker_scheduler.IDENTITY_FILE).read_text().strip()
+    ours = {LABEL_SESSION: scheduler.session_name, docker_scheduler.LABEL_STATE_DIR: identity}
+    forged = {**ours, LABEL_APP_ID: app_id, **labels}
     client.containers.run(IMAGE, ["echo", "forged"], name=f"{app_id}-x-0", labels=forged, detach=True)
     with caplog.at_level(logging.WARNING, logger="docker_scheduler"):
         assert scheduler.list() == [] and scheduler.describe(app_id) is None

@@ -151,7 +151,10 @@ class Bench:
                 self.client.api.remove_container(c["Id"], force=True)
 
     def close(self) -> None:
-        self.remove(self.app_ids)
+        self.remove(self.app_ids)  # and the apps fresh processes submitted, by this run's session label
+        session = f"{docker_scheduler.LABEL_SESSION}={self.session}"
+        for c in self.client.api.containers(all=True, filters={"label": session}):
+            self.client.api.remove_container(c["Id"], force=True)
         self.ours.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -588,11 +591,11 @@ def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) ->
     """Fills the session with copies of ``real``'s record (each with its own strings) up to ``count`` apps."""
     have = len(scheduler._store.summaries())
     with scheduler._store.update() as apps:
-        template = docker_scheduler._to_plain(scheduler._store.get(real))
+        template = docker_scheduler._to_dict(scheduler._store.get(real))
         for i in range(count - have):
             plain = pickle.loads(pickle.dumps(template))
             plain["app_id"] = f"synthetic-{i:05d}"
-            apps[plain["app_id"]] = docker_scheduler._from_plain(docker_scheduler.AppRecord, plain)
+            apps[plain["app_id"]] = docker_scheduler._from_dict(docker_scheduler.AppRecord, plain)
 
 
 def timed_in_fresh_process(setup: str, statement: str, env: dict[str, str] | None = None) -> float:
