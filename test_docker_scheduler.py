@@ -1447,7 +1447,7 @@ def test_docker_helper_types_survive_the_session_file() -> None:
         "log_config": docker.types.LogConfig(type="none"),
         "mounts": [docker.types.Mount(target="/v", source="vol", type="volume")],
     }
-    plain = docker_scheduler._plain(kwargs)
+    plain = docker_scheduler._builtins_only(kwargs)
     assert _builtin_only(plain)
     docker_scheduler._RestrictedUnpickler(io.BytesIO(pickle.dumps(plain))).load()
     rebuilt = docker_scheduler._container_kwargs(plain)
