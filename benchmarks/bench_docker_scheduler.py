@@ -14,6 +14,7 @@ container made here is removed at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import platform
@@ -308,66 +309,23 @@ class Bench:
         """Over ssh, through a real sshd on 127.0.0.1, beside the Docker CLI doing the same through it:
         a fresh process's first describe() after a 300,000-line replica exits, its first describe() of
         a running app and first list() of 100 apps, submit-and-wait of `true`, and a long-lived
-        scheduler's describe() of a running app; with the ssh connections each made, from sshd's log."""
+        scheduler's describe() of a running app; then some of them again with 50 ms of round trip
+        added (a delaying proxy: the kernel here has no netem). Each with the ssh connections it
+        made, counted in sshd's log."""
         with (
             tempfile.TemporaryDirectory(prefix="docker-scheduler-bench-ssh-") as d,
             ssh_engine(Path(d)) as ssh,
         ):
-            env, log = {**os.environ, **ssh}, Path(d) / "sshd.log"
-            meter = SSHMeter(log, env, self.runs)
             make = "from docker_scheduler import PersistentDockerScheduler as S\n"
             make += f"s = S({self.session!r}, state_dir={self.state_dir!r}, detach=True)"
-
-            def fresh(statement: str) -> Callable[[], float]:
-                return lambda: timed_in_fresh_process(make, statement, env) / 1e3
-
-            rows = [self.ssh_first_describe(meter, fresh)]
-            running = self.submit("ours", LONG, replicas=4)
-            wait_until(lambda: self.running(running, 4))
-            ps_app = ["docker", "ps", "-a", "--filter", f"label={LABEL_APP_ID}={running}"]
-            rows.append(
-                meter.row(
-                    "fresh process over ssh, first describe() of a running 4-replica app",
-                    "`docker -H ssh://... ps -a --filter label=<app>`",
-                    ps_app,
-                    fresh(f"assert s.describe({running!r}).state.name == 'RUNNING'"),
-                )
-            )
-            rows.append(self.ssh_long_lived(meter, running, ps_app))
-            self.remove([running])
-            apps = [self.submit("ours", "true") for _ in range(100)]
-            wait_until(lambda: all(self.exited(a) for a in apps), timeout=300)
-            self.ours.list()  # records the 100 exit codes once
-            rows.append(
-                meter.row(
-                    "fresh process over ssh, first list() of 100 finished apps",
-                    "`docker -H ssh://... ps -a --filter label=<session>`",
-                    [
-                        "docker",
-                        "ps",
-                        "-a",
-                        "--filter",
-                        f"label={docker_scheduler.LABEL_SESSION}={self.session}",
-                    ],
-                    fresh("assert len(s.list()) >= 100"),
-                )
-            )
-            self.remove(apps)
-            submit = "from torchx import specs\n"
-            submit += f"r = specs.Role('r', image={self.image!r}, entrypoint='true')\n"
-            submit += "a = s.submit(specs.AppDef('bench', roles=[r]), {})\n"
-            submit += "assert s.wait(a, timeout=120).state.name == 'SUCCEEDED'"
-            rows.append(
-                meter.row(
-                    "fresh process over ssh, submit and wait until a `true` app ends",
-                    "`docker -H ssh://... run --rm busybox true`",
-                    ["docker", "run", "--rm", self.image, "true"],
-                    fresh(submit),
-                )
-            )
+            meter = SSHMeter(Path(d) / "sshd.log", {**os.environ, **ssh}, self.runs, make)
+            rows = [self.ssh_first_describe(meter), *self.ssh_running(meter, "over ssh")]
+            rows += [self.ssh_list(meter), self.ssh_submit(meter, "over ssh")]
+            slow = dataclasses.replace(meter, env={**meter.env, **with_latency(Path(d), ssh, 0.025)})
+            rows += [*self.ssh_running(slow, "over ssh +50 ms"), self.ssh_submit(slow, "over ssh +50 ms")]
         return rows
 
-    def ssh_first_describe(self, meter: SSHMeter, fresh: Callable[[str], Callable[[], float]]) -> Row:
+    def ssh_first_describe(self, meter: SSHMeter) -> Row:
         row = Row(
             "fresh process over ssh, first describe() after a 300,000-line replica exits",
             "ms",
@@ -377,33 +335,72 @@ class Bench:
         for _ in range(self.runs):
             app_id = self.submit("ours", f"seq 1 300000 | sed 's/$/ {PADDING}/'")
             wait_until(lambda app_id=app_id: self.exited(app_id), timeout=600)
-            meter.measure(
-                row, ["docker", "logs", "--timestamps", f"{app_id}-r-0"], fresh(f"s.describe({app_id!r})")
-            )
+            logs = ["docker", "logs", "--timestamps", f"{app_id}-r-0"]
+            meter.measure(row, logs, meter.fresh(f"s.describe({app_id!r})"))
             assert "logs not recorded" not in str(self.ours.describe(app_id))
             self.remove([app_id])
         return meter.noted(row)
 
-    def ssh_long_lived(self, meter: SSHMeter, app_id: str, ps_app: list[str]) -> Row:
-        """describe() of a running app by a scheduler that stays, over ssh, per call."""
+    def ssh_running(self, meter: SSHMeter, how: str) -> list[Row]:
+        """describe() of a running app: a fresh process's first, and a long-lived scheduler's, per call."""
+        running = self.submit("ours", LONG, replicas=4)
+        wait_until(lambda: self.running(running, 4))
+        ps_app = ["docker", "ps", "-a", "--filter", f"label={LABEL_APP_ID}={running}"]
+        baseline = "`docker -H ssh://... ps -a --filter label=<app>`"
+        first = meter.row(
+            f"fresh process {how}, first describe() of a running 4-replica app",
+            baseline,
+            ps_app,
+            meter.fresh(f"assert s.describe({running!r}).state.name == 'RUNNING'"),
+        )
         saved = dict(os.environ)
         os.environ.update(meter.env)  # its ssh processes start, and find the engine, with the ssh environment
         try:
             remote = PersistentDockerScheduler(self.session, state_dir=self.state_dir, detach=True)
-            remote.describe(app_id)  # connects
-            row = Row(
-                "long-lived scheduler over ssh, describe() of a running 4-replica app",
-                "ms",
-                "(none)",
-                baseline="`docker -H ssh://... ps -a --filter label=<app>`",
-            )
+            remote.describe(running)  # connects
+            row = Row(f"long-lived scheduler {how}, describe() of a running 4-replica app", "ms", "(none)")
+            row.baseline = baseline
             for _ in range(self.runs):
-                meter.measure(row, ps_app, lambda: per_call(lambda: remote.describe(app_id), 20), calls=20)
+                meter.measure(row, ps_app, lambda: per_call(lambda: remote.describe(running), 20), calls=20)
             remote.close()
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        return meter.noted(row)
+        self.remove([running])
+        return [first, meter.noted(row)]
+
+    def ssh_list(self, meter: SSHMeter) -> Row:
+        apps = [self.submit("ours", "true") for _ in range(100)]
+        wait_until(lambda: all(self.exited(a) for a in apps), timeout=300)
+        self.ours.list()  # records the 100 exit codes once
+        ps_session = [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            f"label={docker_scheduler.LABEL_SESSION}={self.session}",
+        ]
+        try:
+            return meter.row(
+                "fresh process over ssh, first list() of 100 finished apps",
+                "`docker -H ssh://... ps -a --filter label=<session>`",
+                ps_session,
+                meter.fresh("assert len(s.list()) >= 100"),
+            )
+        finally:
+            self.remove(apps)
+
+    def ssh_submit(self, meter: SSHMeter, how: str) -> Row:
+        submit = "from torchx import specs\n"
+        submit += f"r = specs.Role('r', image={self.image!r}, entrypoint='true')\n"
+        submit += "a = s.submit(specs.AppDef('bench', roles=[r]), {})\n"
+        submit += "assert s.wait(a, timeout=120).state.name == 'SUCCEEDED'"
+        return meter.row(
+            f"fresh process {how}, submit and wait until a `true` app ends",
+            "`docker -H ssh://... run --rm busybox true`",
+            ["docker", "run", "--rm", self.image, "true"],
+            meter.fresh(submit),
+        )
 
     def harvest_rss_1gb(self) -> Row:
         """Peak RSS of a fresh process whose first describe() harvests a 1 GB log."""
@@ -553,16 +550,23 @@ class Bench:
         return rows
 
 
+@dataclass
 class SSHMeter:
     """Times a Docker CLI command and a call of ours, alternating, over one sshd, and counts the ssh
-    connections each made in sshd's log."""
+    connections each made in sshd's log. ``make`` makes ``s``, the scheduler of a fresh process."""
 
-    def __init__(self, log: Path, env: dict[str, str], runs: int) -> None:
-        self.log, self.env, self.runs = log, env, runs
-        self.connections: dict[str, list[float]] = {"cli": [], "ours": []}
+    log: Path
+    env: dict[str, str]
+    runs: int
+    make: str
+    connections: dict[str, list[float]] = field(default_factory=lambda: {"cli": [], "ours": []})
 
     def accepted(self) -> int:
         return self.log.read_text().count("Accepted publickey")
+
+    def fresh(self, statement: str) -> Callable[[], float]:
+        """Seconds ``statement`` takes in a fresh process over ssh, once it made ``s``."""
+        return lambda: timed_in_fresh_process(self.make, statement, self.env) / 1e3
 
     def measure(self, row: Row, command: list[str], ours: Callable[[], float], calls: int = 1) -> None:
         before = self.accepted()
@@ -585,6 +589,60 @@ class SSHMeter:
         row.note = f"ssh connections a call, at most: the CLI {cli:g}, ours {ours:g}"
         self.connections = {"cli": [], "ours": []}
         return row
+
+
+# Relays stdin to a TCP port and the port to stdout, each chunk ``delay`` seconds late, in order: an
+# ssh ProxyCommand that adds twice ``delay`` to every round trip.
+DELAYING_PROXY = """
+import socket, sys, threading, time, queue
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+delay = float(sys.argv[3])
+
+def relay(read, write):
+    chunks = queue.Queue()
+
+    def later():
+        while True:
+            due, data = chunks.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            if not data:
+                return write(b"")
+            write(data)
+
+    writer = threading.Thread(target=later, daemon=True)
+    writer.start()
+    while True:
+        data = read()
+        chunks.put((time.monotonic() + delay, data))
+        if not data:
+            return writer.join()
+
+def to_stdout(data):
+    if not data:
+        sys.stdout.buffer.close()
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+def to_sock(data):
+    if not data:
+        sock.shutdown(socket.SHUT_WR)
+    else:
+        sock.sendall(data)
+
+threading.Thread(target=relay, args=(lambda: sys.stdin.buffer.raw.read(65536), to_sock), daemon=True).start()
+relay(lambda: sock.recv(65536), to_stdout)  # until the server closes; ssh ends the proxy when it is done
+"""
+
+
+def with_latency(d: Path, ssh: dict[str, str], delay: float) -> dict[str, str]:
+    """The environment of :py:func:`ssh_engine`'s engine reached through :data:`DELAYING_PROXY`."""
+    (d / "delaying_proxy.py").write_text(DELAYING_PROXY)
+    port = ssh["DOCKER_HOST"].rsplit(":", 1)[1]
+    config = (d / "ssh_config").read_text()
+    proxy = f"  ProxyCommand {sys.executable} {d / 'delaying_proxy.py'} 127.0.0.1 %p {delay}\n"
+    (d / "ssh_config").write_text(config + config.replace("Host ds-test", "Host ds-slow") + proxy)
+    return {**ssh, "DOCKER_HOST": f"ssh://root@ds-slow:{port}"}
 
 
 def fill_session(scheduler: PersistentDockerScheduler, real: str, count: int) -> None:
