@@ -1618,7 +1618,11 @@ class _SharedSSHAdapter(SSHHTTPAdapter):  # type: ignore[misc]
     def __init__(self, base_url: str) -> None:
         super().__init__(base_url, shell_out=True)
         self._pool = _SharedSSHPool(timeout=self.timeout, maxsize=self.max_pool_size, host=self.ssh_host)
-        self._pool.control = os.path.join(tempfile.mkdtemp(prefix="docker-scheduler-ssh-"), "master")
+        # ssh binds <path>.<16 characters> first, and a socket's path holds at most 103 bytes (macOS)
+        where = tempfile.gettempdir() if len(tempfile.gettempdir()) <= 40 else "/tmp"
+        self._pool.control = os.path.join(
+            tempfile.mkdtemp(prefix="docker-scheduler-ssh-", dir=where), "master"
+        )
         host = urllib.parse.urlparse(base_url).hostname or ""
         self._end = weakref.finalize(self, _end_ssh_master, host, self._pool.control)
 

@@ -3180,14 +3180,18 @@ def test_over_ssh_a_scheduler_makes_one_connection_and_one_more_once_it_drops(
 ) -> None:
     """Submit, describe, list and wait, here and in a second short-lived process, each ride one ssh
     connection; after sshd drops it, the next describe connects again, says so once, and reads right.
-    Connections are counted in sshd's own log; close ends the master, and its directory goes."""
+    Connections are counted in sshd's own log; close ends the master, and its directory goes. The
+    temporary directory's path here is too long for a socket's, so the master's goes under /tmp."""
     if is_podman(client):
         pytest.skip("the sshd here reaches dockerd (`docker system dial-stdio`): the dockerd legs run it")
     for key, value in sshd.items():
         monkeypatch.setenv(key, value)
     log_file, sshd_pid = tmp_path / "ssh" / "sshd.log", int((tmp_path / "ssh" / "sshd.pid").read_text())
     accepted = lambda: log_file.read_text().count("Accepted publickey")  # noqa: E731
-    masters = lambda: set(Path(tempfile.gettempdir()).glob("docker-scheduler-ssh-*"))  # noqa: E731
+    masters = lambda: set(Path("/tmp").glob("docker-scheduler-ssh-*"))  # noqa: E731
+    long_tmp = tmp_path / ("t" * 60)  # too long for the master's socket path: it goes under /tmp
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
     before, dirs = accepted(), masters()
     scheduler = make()
     running = submit(scheduler, role("r", LONG, replicas=3))
@@ -3196,7 +3200,7 @@ def test_over_ssh_a_scheduler_makes_one_connection_and_one_more_once_it_drops(
     assert {a.app_id for a in scheduler.list()} == {running, ended}
     assert scheduler.wait(ended, timeout=60).state == AppState.FAILED
     assert list(scheduler.log_iter(running, "r", 2)) == []
-    assert accepted() - before == 1
+    assert accepted() - before == 1 and len(masters() - dirs) == 1 and not any(long_tmp.iterdir())
     code = f"""
         import json
         from docker_scheduler import PersistentDockerScheduler
