@@ -2473,33 +2473,34 @@ class _Reconciler:
     def _harvest(self, app_id: str, rep: ReplicaRecord, logs_only: bool) -> _Change | None:
         """What an ended replica's container says of its end (unless ``logs_only``) and of its logs,
         once they are recorded; None when the container turns out to be going again."""
-        end = _Change()
-        if not logs_only:
-            inspected = self._docker.inspect(rep.name)
-            if inspected is None:
-                return _Change.gone(_GONE_BEFORE_READ, time.time())
-            exited = _exit_change(inspected)
-            if exited is None:
-                return None
-            end = exited
-        return end | self._logs.harvest(app_id, rep)
+        if logs_only:
+            return self._logs.harvest(app_id, rep)
+        inspected = self._docker.inspect(rep.name)
+        if inspected is None:
+            return _Change.gone(_GONE_BEFORE_READ, time.time())
+        exited = _exit_change(inspected)
+        return None if exited is None else exited | self._logs.harvest(app_id, rep)
 
     def _record(self, seen: AppRecord, changes: Mapping[str, _Change]) -> tuple[AppRecord, bool]:
         """The record with ``changes``, no longer starting, and whether it was written; when the write
         fails, the record as learnt, unwritten."""
         app_id = seen.app_id
+
+        def changed(record: AppRecord) -> AppRecord:
+            return dataclasses.replace(record.with_changes(changes), starting=False)
+
         try:
             with self._store.update() as apps:
                 current = self._store.get(app_id)
                 if current is None:  # deleted meanwhile: the logs just harvested go too
                     self._logs.remove(app_id)
-                    return seen.with_changes(changes), False
-                record = apps[app_id] = dataclasses.replace(current.with_changes(changes), starting=False)
+                    return changed(seen), False
+                record = apps[app_id] = changed(current)
         except OSError as e:
             why = f"could not record the end of app {app_id} in {os.path.dirname(self._store.path)} ({e}); "
             why += "its state comes from Docker until it can"
             _warn_once(self._warned, (app_id, str(e)), why)
-            return dataclasses.replace(seen.with_changes(changes), starting=False), False
+            return changed(seen), False
         return record, True
 
     def replica_now(self, app_id: str, rep: ReplicaRecord) -> ReplicaRecord:
